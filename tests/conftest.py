@@ -1,0 +1,21 @@
+"""Shared fixtures: where the real data sets live.
+
+The data is public but not redistributable (see ../shared/data/README.md), so it is never copied into the
+repository; tests that need it find it beside the checkout and skip, saying why, where it is absent.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """`<repo>/../shared/data`, or the folder named by WSIPROC_SHARED_DATA."""
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    root = Path(os.environ.get("WSIPROC_SHARED_DATA", default))
+    if not root.is_dir():
+        pytest.skip(f"shared data not found at {root}: real-data tests need ../shared/data")
+    return root

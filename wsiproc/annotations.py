@@ -1,0 +1,388 @@
+"""Read nucleus annotations of any common format as centre points, the one form the evaluator scores.
+
+Annotations arrive as points (CSV, Fiji CellCounter), outlines (Aperio ImageScope XML, QuPath GeoJSON)
+or instance label maps. Scoring only needs one point per nucleus, so outlines and masks are reduced to
+their area centroids here, once, and everything downstream works on (N, 2) arrays.
+
+Coordinates: x = column, y = row, level-0 pixel-index coordinates (the centre of pixel (0, 0) is
+(0.0, 0.0)), the convention of wsiproc's own outputs. Every supported format stores pixel coordinates
+already, so values are passed through unchanged: no format's coordinates are shifted or scaled.
+
+Results are keyed by image name so that annotation files can be paired with prediction files; the name
+is the file's stem with decorations that annotation tools and data sets add stripped (see `image_key`).
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from shapely.errors import GEOSException
+from shapely.geometry import Polygon, shape
+from shapely.geometry.base import BaseGeometry
+
+__all__ = ["read_points", "read_imagescope_regions", "read_label_map", "label_centroids", "image_key"]
+
+# ElementTree is used because defusedxml is not a dependency. Annotation files are local files the user
+# chose to score, and Python's expat refuses external entities by default, so the remaining risk is an
+# entity-expansion bomb in a hostile file: acceptable for a local evaluation tool.
+
+_LABEL_MAP_SUFFIXES = (".png", ".tif", ".tiff")
+_GEOJSON_SUFFIXES = (".geojson", ".json")
+_KNOWN_SUFFIXES = (".csv", ".xml", *_LABEL_MAP_SUFFIXES, *_GEOJSON_SUFFIXES, ".gz", ".ome")
+
+# Decorations that tools and data sets put around the image name. MoNuSeg's centroid tables are called
+# `train_<image>_from_masks.csv`; the rest are common names for an image's annotation file.
+_KEY_PATTERNS = (
+    re.compile(r"^(?:train|test|val)_(?P<key>.+)_from_masks$"),
+    re.compile(
+        r"^(?P<key>.+?)[_-](?:points|centroids|centers|centres|annotations?|labels?|masks?|instances?|cellcounter)$",
+        re.IGNORECASE,
+    ),
+)
+
+
+def image_key(path: str | Path) -> str:
+    """The image name a single-image annotation file belongs to: its stem without decorations.
+
+    `train_X_from_masks.csv`, `X_points.csv`, `X.geojson.gz`, `X_labels.png` and `X.xml` all give `X`,
+    the stem that wsiproc's prediction files (`X.csv`) carry for image `X.*`.
+    """
+    name = Path(path).name
+    while True:
+        stem, dot, ext = name.rpartition(".")
+        if not dot or not stem or f".{ext.lower()}" not in _KNOWN_SUFFIXES:
+            break
+        name = stem
+    for pattern in _KEY_PATTERNS:
+        match = pattern.match(name)
+        if match:
+            return match["key"]
+    return name
+
+
+def read_points(path: str | Path, image: str | None = None) -> dict[str, np.ndarray]:
+    """Nucleus centres of an annotation file as {image name: (N, 2) float64 array of x, y}.
+
+    The format is chosen by extension and, where the extension is ambiguous or unknown, by content:
+    CSV (`x,y` or `image,x,y` columns), Fiji CellCounter XML, Aperio ImageScope XML (region centroids),
+    instance label maps (PNG/TIFF; label centroids) and QuPath GeoJSON (optionally gzipped).
+
+    `image` names the image for single-image files (overriding the name derived from the file) and
+    selects one image from multi-image CSVs, where a missing image is an error rather than an empty
+    result: a typo would otherwise score as "no nuclei annotated".
+    """
+    path = Path(path)
+    points, declared_name = _read_any(path)
+    if isinstance(points, np.ndarray):
+        return {image if image is not None else declared_name or image_key(path): points}
+    if image is None:
+        return points
+    if image not in points:
+        names = list(points)
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ValueError(f"{path}: no points for image {image!r} (the file has {len(names)} images: {shown})")
+    return {image: points[image]}
+
+
+def read_imagescope_regions(path: str | Path) -> list[tuple[str, np.ndarray]]:
+    """(class name, centroid x, y) of every region of an Aperio ImageScope XML file, in file order.
+
+    The class is the Annotation's Name or, as in MoNuSAC, the name of its first attribute (ImageScope's
+    default attribute "Description" is not a class and gives ""). Polygons give their area centroid, so
+    uneven vertex spacing along the outline does not pull the centre; regions with fewer than three
+    vertices (points, ellipses stored as two corners, lines) give the mean of their vertices. Negative
+    regions (holes, NegativeROA="1") and regions without vertices mark no nucleus and are skipped.
+    """
+    path = Path(path)
+    root = _parse_xml(path)
+    if root.tag != "Annotations":
+        raise ValueError(f"{path}: not an Aperio ImageScope XML file (root element <{root.tag}>)")
+    return _imagescope_regions(path, root)
+
+
+def _imagescope_regions(path: Path, root: ET.Element) -> list[tuple[str, np.ndarray]]:
+    regions = []
+    for annotation in root.iter("Annotation"):
+        class_name = annotation.get("Name", "")
+        if not class_name:
+            attribute = annotation.find("Attributes/Attribute")
+            if attribute is not None and attribute.get("Name", "") != "Description":
+                class_name = attribute.get("Name", "")
+        for region in annotation.iter("Region"):
+            if region.get("NegativeROA", "0") == "1":
+                continue
+            vertices = []
+            for vertex in region.iter("Vertex"):
+                try:
+                    vertices.append((float(vertex.attrib["X"]), float(vertex.attrib["Y"])))
+                except (KeyError, ValueError):
+                    raise ValueError(
+                        f"{path}: region {region.get('Id', '?')} has a vertex without numeric X and Y: {vertex.attrib}"
+                    ) from None
+            if vertices:
+                regions.append((class_name, _outline_centroid(np.asarray(vertices, dtype=np.float64))))
+    return regions
+
+
+def read_label_map(path: str | Path) -> np.ndarray:
+    """An instance label map (0 = background, one integer per nucleus) as a 2-D unsigned array.
+
+    Rejects colour and floating-point images: a resized or RGB-rendered "mask" has lost the one-label-
+    per-nucleus property, and scoring against it would silently merge or invent nuclei.
+    """
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            array = tifffile.imread(path)
+        except Exception as exc:  # tifffile raises several types for broken files
+            raise ValueError(f"{path}: cannot read as TIFF: {exc}") from exc
+    else:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as img:
+                if img.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "PA", "LA"):
+                    raise ValueError(f"{path}: {img.mode} image, not an instance label map (expected one integer channel)")
+                array = np.asarray(img)
+        except UnidentifiedImageError as exc:
+            raise ValueError(f"{path}: cannot read as an image: {exc}") from exc
+    array = np.squeeze(array)
+    if array.ndim != 2:
+        raise ValueError(f"{path}: shape {array.shape}, not an instance label map (expected one 2-D channel)")
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{path}: {array.dtype} pixels, not an instance label map (expected integer labels)")
+    if np.issubdtype(array.dtype, np.signedinteger):
+        if array.size and array.min() < 0:
+            raise ValueError(f"{path}: negative labels, not an instance label map (0 = background, >0 = nucleus)")
+        array = array.astype(np.uint64 if array.dtype.itemsize > 4 else np.uint32)
+    return array
+
+
+def label_centroids(label_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, (N, 2) x, y centroids) of the nonzero labels of an instance label map, labels ascending.
+
+    The centroid is the mean pixel index of the label's pixels (scipy.ndimage.center_of_mass), so a
+    nucleus of one pixel sits exactly on that pixel. Labels that occur in no pixel do not exist.
+    """
+    label_map = np.asarray(label_map)
+    if label_map.ndim != 2:
+        raise ValueError(f"label map has shape {label_map.shape}, expected 2-D")
+    flat = label_map.ravel()
+    labels, inverse = np.unique(flat, return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(labels)).astype(np.float64)
+    rows, cols = np.divmod(np.arange(flat.size, dtype=np.int64), label_map.shape[1])
+    x = np.bincount(inverse, weights=cols, minlength=len(labels)) / np.maximum(counts, 1)
+    y = np.bincount(inverse, weights=rows, minlength=len(labels)) / np.maximum(counts, 1)
+    keep = labels != 0
+    return labels[keep], np.column_stack([x[keep], y[keep]]).astype(np.float64).reshape(-1, 2)
+
+
+# ----------------------------------------------------------------------------------------- dispatch
+
+
+def _read_any(path: Path) -> tuple[np.ndarray | dict[str, np.ndarray], str | None]:
+    """Points of one file (an array for single-image formats, a dict for multi-image ones) and the
+    image name the file itself declares, if any (CellCounter's Image_Filename)."""
+    kind = _detect_format(path)
+    if kind == "csv":
+        return _read_csv(path), None
+    if kind == "xml":
+        root = _parse_xml(path)
+        if root.tag == "CellCounter_Marker_File":
+            filename = (root.findtext("Image_Properties/Image_Filename") or "").strip()
+            declared = image_key(Path(filename.replace("\\", "/")).stem) if filename else None
+            return _read_cellcounter(path, root), declared
+        if root.tag == "Annotations":
+            regions = _imagescope_regions(path, root)
+            return np.asarray([c for _, c in regions], dtype=np.float64).reshape(-1, 2), None
+        raise ValueError(
+            f"{path}: unknown XML annotation format (root element <{root.tag}>; "
+            "expected <Annotations> of Aperio ImageScope or <CellCounter_Marker_File> of Fiji)"
+        )
+    if kind == "label_map":
+        return label_centroids(read_label_map(path))[1], None
+    if kind == "geojson":
+        return _read_geojson(path), None
+    raise ValueError(
+        f"{path}: unknown annotation format (expected .csv, .xml, .geojson[.gz], .json or a .png/.tif label map)"
+    )
+
+
+def _detect_format(path: Path) -> str:
+    """Extension first; content for unknown extensions so misnamed exports still load."""
+    name = path.name.lower()
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith(".xml"):
+        return "xml"
+    if name.endswith(_LABEL_MAP_SUFFIXES):
+        return "label_map"
+    if name.endswith(_GEOJSON_SUFFIXES) or name.endswith(tuple(s + ".gz" for s in _GEOJSON_SUFFIXES)):
+        return "geojson"
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if head.startswith(b"\x1f\x8b"):
+        return "geojson"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if text.startswith(b"<"):
+        return "xml"
+    if text.startswith((b"{", b"[")):
+        return "geojson"
+    if head.startswith((b"\x89PNG", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
+        return "label_map"
+    return "unknown"
+
+
+# ------------------------------------------------------------------------------------------- readers
+
+
+def _read_csv(path: Path) -> np.ndarray | dict[str, np.ndarray]:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path}: empty file, expected a header with x,y or image,x,y columns")
+        columns = {name.strip().lower(): i for i, name in enumerate(header)}
+        if "x" not in columns or "y" not in columns:
+            raise ValueError(f"{path}: no x and y columns in header {header}")
+        ix, iy, iimage = columns["x"], columns["y"], columns.get("image")
+        xs: list[float] = []
+        ys: list[float] = []
+        images: list[str] = []
+        for row in reader:
+            line_no = reader.line_num
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            try:
+                x, y = float(row[ix]), float(row[iy])
+            except (IndexError, ValueError):
+                raise ValueError(f"{path}: line {line_no}: x, y not numbers: {row}") from None
+            if not (math.isfinite(x) and math.isfinite(y)):
+                raise ValueError(f"{path}: line {line_no}: non-finite coordinate: {row}")
+            xs.append(x)
+            ys.append(y)
+            if iimage is not None:
+                if iimage >= len(row) or not row[iimage].strip():
+                    raise ValueError(f"{path}: line {line_no}: empty image name: {row}")
+                images.append(row[iimage].strip())
+    xy = np.column_stack([np.asarray(xs, np.float64), np.asarray(ys, np.float64)]).reshape(-1, 2)
+    if iimage is None:
+        return xy
+    names, first, inverse = np.unique(np.asarray(images), return_index=True, return_inverse=True)
+    groups = np.split(xy[np.argsort(inverse, kind="stable")], np.cumsum(np.bincount(inverse))[:-1])
+    return {str(names[k]): groups[k] for k in np.argsort(first)}  # images in file order
+
+
+def _parse_xml(path: Path) -> ET.Element:
+    try:
+        return ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        raise ValueError(f"{path}: not well-formed XML: {exc}") from exc
+
+
+def _read_cellcounter(path: Path, root: ET.Element) -> np.ndarray:
+    """All markers of all counter types: each type is a class, and every marker is one nucleus.
+
+    MarkerX/MarkerY are ImageJ pixel indices (uncalibrated), already our convention; MarkerZ, the
+    slice of a stack, is ignored since whole-slide images are single planes.
+    """
+    points = []
+    for marker in root.iter("Marker"):
+        x_text, y_text = marker.findtext("MarkerX"), marker.findtext("MarkerY")
+        try:
+            points.append((float(x_text), float(y_text)))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: a <Marker> has no numeric MarkerX and MarkerY ({x_text!r}, {y_text!r})") from None
+    return np.asarray(points, dtype=np.float64).reshape(-1, 2)
+
+
+def _read_geojson(path: Path) -> np.ndarray:
+    """Points of a QuPath export: a FeatureCollection, a bare list of features, or a single feature.
+
+    Point geometries give the point, MultiPoint (QuPath's "Points" annotations) one point each, polygons
+    their area centroid. Cell objects use their `nucleusGeometry` when present, since the nucleus, not
+    the cell outline around it, is what was annotated. Features without geometry are skipped. Exports
+    must hold nuclei only: a parent region annotation exported alongside would count as one more nucleus.
+    """
+    opener: Any = gzip.open if _is_gzip(path) else open
+    try:
+        with opener(path, "rt", encoding="utf-8-sig") as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise ValueError(f"{path}: not valid (gzipped) JSON: {exc}") from exc
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        features = data.get("features")
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        features = [data]
+    elif isinstance(data, list):
+        features = data
+    else:
+        raise ValueError(f"{path}: not GeoJSON (expected a FeatureCollection, a Feature or a list of features)")
+    if not isinstance(features, list):
+        raise ValueError(f"{path}: 'features' is not a list")
+    points: list[tuple[float, float]] = []
+    for number, feature in enumerate(features):
+        if not isinstance(feature, dict) or feature.get("type") != "Feature":
+            raise ValueError(f"{path}: feature {number} is not a GeoJSON Feature")
+        geometry = feature.get("nucleusGeometry") or feature.get("geometry")
+        if geometry is None:
+            continue
+        try:
+            points.extend(_geometry_points(geometry))
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise ValueError(f"{path}: feature {number} (id {feature.get('id')!r}): {exc}") from None
+    return np.asarray(points, dtype=np.float64).reshape(-1, 2)
+
+
+def _geometry_points(geometry: dict[str, Any]) -> list[tuple[float, float]]:
+    kind = geometry.get("type")
+    coords = geometry.get("coordinates")
+    if kind == "Point":
+        return [(float(coords[0]), float(coords[1]))]
+    if kind == "MultiPoint":
+        return [(float(c[0]), float(c[1])) for c in coords]
+    if kind in ("Polygon", "MultiPolygon"):
+        try:
+            geom: BaseGeometry | None = shape(geometry)
+            if not geom.is_valid:
+                geom = geom.buffer(0)  # self-touching hand-drawn outlines
+        except (ValueError, GEOSException):  # rings of fewer than 4 positions
+            geom = None
+        if geom is not None and not geom.is_empty and geom.area > 0:
+            return [(geom.centroid.x, geom.centroid.y)]
+        outline = [(float(c[0]), float(c[1])) for ring in _rings(kind, coords) for c in ring]
+        return [tuple(np.mean(outline, axis=0))] if outline else []
+    raise ValueError(f"unsupported geometry type {kind!r} (expected Point, MultiPoint, Polygon or MultiPolygon)")
+
+
+def _rings(kind: str, coords: Any) -> list[Any]:
+    """Exterior rings only: holes do not move where a degenerate outline sits."""
+    return [coords[0]] if kind == "Polygon" else [poly[0] for poly in coords if poly]
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
+def _outline_centroid(vertices: np.ndarray) -> np.ndarray:
+    """Area centroid of an outline; mean of vertices where the outline encloses no area."""
+    if len(vertices) >= 3:
+        try:
+            polygon: BaseGeometry = Polygon(vertices)
+            if not polygon.is_valid:
+                polygon = polygon.buffer(0)  # self-touching hand-drawn outlines
+        except (ValueError, GEOSException):
+            polygon = Polygon()
+        if not polygon.is_empty and polygon.area > 0:
+            return np.array([polygon.centroid.x, polygon.centroid.y], dtype=np.float64)
+    return vertices.mean(axis=0)

@@ -1,0 +1,142 @@
+"""The `wsiproc` command line: run, info, train, evaluate."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import RunConfig
+
+
+def _fail_usage(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wsiproc")
+def main() -> None:
+    """Find every cell nucleus in H&E whole-slide images."""
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), help="A .keras model (default: the shipped one).")
+@click.option("--mpp", type=float, help="Pixel size in µm/px, overriding the file's (needed for plain images).")
+@click.option("--tile-px", type=int, default=RunConfig.tile_px, show_default=True, help="Tile core side at 0.5 µm/px.")
+@click.option("--halo-px", type=int, default=RunConfig.halo_px, show_default=True, help="Context around each tile at 0.5 µm/px.")
+@click.option("--batch-size", type=int, default=RunConfig.batch_size, show_default=True)
+@click.option("--threshold", type=float, default=RunConfig.threshold, show_default=True, help="Confidence threshold.")
+@click.option("--no-tissue-mask", is_flag=True, help="Send every tile to the model, background included.")
+@click.option("--density-cell-um", type=float, default=RunConfig.density_cell_um, show_default=True)
+@click.option("--geojson-gz", is_flag=True, help="Write <stem>.geojson.gz instead of <stem>.geojson.")
+@click.option("--quiet", "-q", is_flag=True, help="Only errors and the final summary.")
+def run(inputs: tuple[Path, ...], out_dir: Path, model_path: Path | None, mpp: float | None, tile_px: int, halo_px: int,
+        batch_size: int, threshold: float, no_tissue_mask: bool, density_cell_um: float, geojson_gz: bool, quiet: bool) -> None:
+    """Detect nuclei in every INPUT and write <stem>.csv, .geojson, _density.tiff/.png and .json to --out."""
+    cfg = RunConfig(
+        model_path=str(model_path) if model_path else None, mpp=mpp, tile_px=tile_px, halo_px=halo_px,
+        batch_size=batch_size, threshold=threshold, tissue_mask=not no_tissue_mask,
+        density_cell_um=density_cell_um, geojson_gz=geojson_gz,
+    )
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        _fail_usage(str(exc))
+    stems: dict[str, Path] = {}
+    for path in inputs:
+        if path.stem in stems:
+            _fail_usage(f"{path} and {stems[path.stem]} share the output name '{path.stem}': rename one or run them separately")
+        stems[path.stem] = path
+
+    from tqdm import tqdm
+
+    from .inference import Predictor
+    from .pipeline import run_slide
+
+    try:
+        predictor = Predictor(cfg.model_path)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail_usage(str(exc))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed: list[tuple[Path, str]] = []
+    done: list[tuple[Path, int, float]] = []
+    for path in inputs:
+        t0 = time.perf_counter()
+        bar = None
+        if not quiet:
+            bar = tqdm(total=0, desc=path.name, unit="tile", leave=True, dynamic_ncols=True, file=sys.stderr)
+
+        def progress(n_done: int, n_total: int, n_nuclei: int, bar=bar) -> None:
+            if bar is not None:
+                bar.total = n_total
+                bar.n = n_done
+                bar.set_postfix(nuclei=n_nuclei, refresh=False)
+                bar.refresh()
+
+        try:
+            record = run_slide(path, out_dir, cfg, predictor, progress=progress)
+        except Exception as exc:  # one bad input must not stop the batch
+            failed.append((path, _one_line(exc)))
+            if bar is not None:
+                bar.close()
+            click.echo(f"{path}: {_one_line(exc, with_path=False, path=path)}", err=True)
+            continue
+        if bar is not None:
+            bar.close()
+        done.append((path, record["nuclei"], time.perf_counter() - t0))
+        if not quiet:
+            click.echo(f"{path}: {record['nuclei']} nuclei, {record['tiles']['tiles_computed']}/{record['tiles']['tiles_total']} tiles, "
+                       f"{time.perf_counter() - t0:.1f} s")
+    click.echo(f"done {len(done)}, failed {len(failed)} of {len(inputs)} inputs; results in {out_dir}")
+    sys.exit(1 if failed else 0)
+
+
+def _one_line(exc: Exception, with_path: bool = True, path: Path | None = None) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not with_path and path is not None and text.startswith(f"{path}: "):
+        text = text[len(f"{path}: "):]
+    return text
+
+
+@main.command()
+@click.argument("slide_path", type=click.Path(path_type=Path))
+@click.option("--mpp", type=float, help="Pixel size in µm/px, overriding the file's.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def info(slide_path: Path, mpp: float | None, as_json: bool) -> None:
+    """Vendor, levels, µm/px, chosen reader and tissue fraction of a slide."""
+    from .model import MODEL_MPP
+    from .pipeline import slide_summary
+    from .slide import SlideError, open_slide
+    from .tiling import SlideSampler
+    from .tissue import tissue_mask
+
+    try:
+        slide = open_slide(slide_path, mpp)
+    except SlideError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    summary = slide_summary(slide)
+    summary["level_dimensions"] = [list(d) for d in slide.level_dimensions]
+    summary["level_downsamples"] = [round(d, 4) for d in slide.level_downsamples]
+    if slide.mpp is not None:
+        summary["tissue_fraction"] = round(tissue_mask(SlideSampler.for_slide(slide, MODEL_MPP)).fraction, 4)
+    else:
+        summary["tissue_fraction"] = None
+    slide.close()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for key, value in summary.items():
+        click.echo(f"{key:>18}: {value}")
+    if slide.mpp is None:
+        click.echo(f"{slide_path}: no pixel size stored; pass --mpp to run it", err=True)
+
+
+if __name__ == "__main__":
+    main()

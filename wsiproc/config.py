@@ -1,0 +1,50 @@
+"""Run parameters in one dataclass: what the CLI fills in and what the run record stores."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .model import MODEL_MPP, RECEPTIVE_RADIUS_PX, SIZE_MULTIPLE_PX
+
+
+@dataclass
+class RunConfig:
+    model_path: str | None = None  # None: the model shipped inside the package
+    mpp: float | None = None  # overrides the slide's stored µm/px
+    model_mpp: float = MODEL_MPP
+    tile_px: int = 512  # tile core side at model_mpp
+    halo_px: int = RECEPTIVE_RADIUS_PX
+    batch_size: int = 4
+    threshold: float = 0.5
+    merge_radius_um: float = 2.0
+    tissue_mask: bool = True
+    density_cell_um: float = 50.0
+    geojson_gz: bool = False
+    io_workers: int = 2
+
+    def validate(self) -> "RunConfig":
+        problems = []
+        if self.tile_px <= 0 or self.tile_px % SIZE_MULTIPLE_PX:
+            problems.append(f"tile_px must be a positive multiple of {SIZE_MULTIPLE_PX} (got {self.tile_px})")
+        if self.halo_px < RECEPTIVE_RADIUS_PX or self.halo_px % SIZE_MULTIPLE_PX:
+            problems.append(f"halo_px must be a multiple of {SIZE_MULTIPLE_PX} and >= {RECEPTIVE_RADIUS_PX} (got {self.halo_px})")
+        if not 0.0 < self.threshold < 1.0:
+            problems.append(f"threshold must lie in (0, 1) (got {self.threshold})")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.density_cell_um <= 0:
+            problems.append(f"density_cell_um must be > 0 (got {self.density_cell_um})")
+        if self.mpp is not None and not 0 < self.mpp < 100:
+            problems.append(f"mpp must be a pixel size in µm/px (got {self.mpp})")
+        if self.model_path is not None and not Path(self.model_path).is_file():
+            problems.append(f"{self.model_path}: model file not found")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}

@@ -1,0 +1,333 @@
+"""Score detected nucleus centres against annotated ones: one-to-one matching within a radius.
+
+A detection is a true positive when it is paired with an annotated nucleus no farther than the radius,
+each nucleus and each detection in at most one pair. Among all such pairings the one with the most
+pairs is used (ties: the smallest summed distance), so a score never depends on the order of points,
+as greedy nearest-first matching would. Precision, recall and F1 of a set are micro-averaged: counts
+are summed over images before the ratios are taken, so images weigh by their nucleus count.
+
+Everything here is in level-0 pixels (x = column, y = row); a caller with a radius in micrometres
+converts it once, `radius_px = radius_um / mpp`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+
+from wsiproc.annotations import label_centroids, read_label_map, read_points
+from wsiproc.export import atomic_path
+
+__all__ = [
+    "Score",
+    "match_points",
+    "score_image",
+    "evaluate_sets",
+    "format_table",
+    "write_scores_csv",
+    "read_predictions",
+]
+
+TOTAL_ROW = "ALL (micro)"
+_COLUMNS = ("image", "n_true", "n_pred", "tp", "fp", "fn", "precision", "recall", "f1")
+
+
+@dataclass(frozen=True)
+class Score:
+    """Counts of one image or, summed with `+`, of a set (micro-average)."""
+
+    tp: int
+    fp: int
+    fn: int
+
+    @property
+    def n_pred(self) -> int:
+        return self.tp + self.fp
+
+    @property
+    def n_true(self) -> int:
+        return self.tp + self.fn
+
+    @property
+    def precision(self) -> float:
+        """0 without predictions: a ratio of nothing would otherwise turn a table's total into NaN."""
+        return self.tp / self.n_pred if self.n_pred else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.tp / self.n_true if self.n_true else 0.0
+
+    @property
+    def f1(self) -> float:
+        denominator = 2 * self.tp + self.fp + self.fn
+        return 2 * self.tp / denominator if denominator else 0.0
+
+    def __add__(self, other: Score) -> Score:
+        if not isinstance(other, Score):
+            return NotImplemented
+        return Score(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn)
+
+    def __radd__(self, other: object) -> Score:
+        """Lets `sum(scores)` start from its default 0."""
+        if other == 0:
+            return self
+        return NotImplemented
+
+
+def match_points(pred_xy: np.ndarray, true_xy: np.ndarray, radius_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (pred_idx, true_idx) of the one-to-one pairs no farther apart than `radius_px` (inclusive).
+
+    The pairing has the most pairs possible, and among those the smallest summed distance. Only pairs
+    within the radius are ever considered, found with a k-d tree; the candidate graph falls apart into
+    small connected groups of crowded nuclei, and each group is solved exactly on its own, which keeps
+    thousands of points per image fast. Pairs are returned sorted by prediction index.
+    """
+    pred = _as_points(pred_xy, "pred_xy")
+    true = _as_points(true_xy, "true_xy")
+    _check_radius(radius_px)
+    if not len(pred) or not len(true):
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    i, j, distance = _pairs_within(pred, true, radius_px)
+    return _max_matching(i, j, distance, len(pred), len(true))
+
+
+def score_image(
+    pred_xy: np.ndarray,
+    true_xy: np.ndarray | None,
+    radius_px: float,
+    label_map: np.ndarray | None = None,
+) -> Score:
+    """TP, FP and FN of one image.
+
+    Without `label_map`, TP is the number of pairs of `match_points`.
+
+    With an instance label map (MoNuSeg's rule), the nuclei are the map's labels, and a detection may be
+    paired with a nucleus when it lies within `radius_px` of the label's centroid *or* inside the label's
+    pixels (at the pixel its coordinates round to): a detection on a large or elongated nucleus, off its
+    centroid, still finds it. Pairing stays one-to-one and maximal, as above. Nuclei are identified by
+    label rather than by `true_xy` because a centroid can lie outside its own, non-convex mask, so points
+    cannot be assigned to labels by lookup; `true_xy` may therefore be None, and if given it must hold
+    one point per label (a different count means the points and the map describe different nuclei).
+    """
+    pred = _as_points(pred_xy, "pred_xy")
+    _check_radius(radius_px)
+    if label_map is None:
+        if true_xy is None:
+            raise ValueError("true_xy is required without a label map")
+        true = _as_points(true_xy, "true_xy")
+        tp = len(match_points(pred, true, radius_px)[0])
+        return Score(tp, len(pred) - tp, len(true) - tp)
+
+    label_map = np.asarray(label_map)
+    labels, centroids = label_centroids(label_map)
+    if true_xy is not None and len(_as_points(true_xy, "true_xy")) != len(labels):
+        raise ValueError(
+            f"label map has {len(labels)} nuclei but true_xy has {len(true_xy)} points: not the same annotation"
+        )
+    if not len(pred) or not len(labels):
+        return Score(0, len(pred), len(labels))
+    i, j, distance = _pairs_within(pred, centroids, radius_px)
+
+    # Detections inside a mask, paired with that label, at their distance to its centroid.
+    col = np.floor(pred[:, 0] + 0.5).astype(np.int64)
+    row = np.floor(pred[:, 1] + 0.5).astype(np.int64)
+    on_map = (row >= 0) & (row < label_map.shape[0]) & (col >= 0) & (col < label_map.shape[1])
+    inside = np.flatnonzero(on_map)
+    hit = label_map[row[inside], col[inside]]
+    inside, hit = inside[hit != 0], hit[hit != 0]
+    nucleus = np.searchsorted(labels, hit)
+    inside_distance = np.hypot(*(pred[inside] - centroids[nucleus]).T)
+
+    i = np.concatenate([i, inside])
+    j = np.concatenate([j, nucleus])
+    distance = np.concatenate([distance, inside_distance])
+    key = i * len(labels) + j  # an edge found both ways has the same distance; keep one copy
+    _, first = np.unique(key, return_index=True)
+    tp = len(_max_matching(i[first], j[first], distance[first], len(pred), len(labels))[0])
+    return Score(tp, len(pred) - tp, len(labels) - tp)
+
+
+def evaluate_sets(
+    pred: Mapping[str, np.ndarray],
+    truth: Mapping[str, np.ndarray],
+    radius_px: float | Mapping[str, float],
+    label_maps: Mapping[str, str | os.PathLike[str] | np.ndarray] | None = None,
+) -> tuple[dict[str, Score], Score]:
+    """Per-image scores (in the order of `truth`) and their micro-averaged total.
+
+    Every annotated image is scored: one without predictions scores all its nuclei as missed rather than
+    being dropped, which would flatter the total. Predicted images without annotations cannot be scored
+    and are left out. Both cases raise one warning each, naming the images, since they usually mean
+    mismatched file names. `radius_px` may differ per image (images of different pixel sizes), and
+    images listed in `label_maps` (label map arrays or files) are scored with the label-map rule of
+    `score_image`.
+    """
+    label_maps = label_maps or {}
+    per_image: dict[str, Score] = {}
+    missing: list[str] = []
+    for name, true_xy in truth.items():
+        if isinstance(radius_px, Mapping):
+            if name not in radius_px:
+                raise ValueError(f"no radius_px given for image {name!r}")
+            radius = float(radius_px[name])
+        else:
+            radius = float(radius_px)
+        label_map = label_maps.get(name)
+        source = f"image {name!r}"
+        if label_map is not None and not isinstance(label_map, np.ndarray):
+            source = str(label_map)
+            label_map = read_label_map(label_map)
+        if name not in pred:
+            missing.append(name)
+        try:
+            per_image[name] = score_image(pred.get(name, np.zeros((0, 2))), true_xy, radius, label_map)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+    if missing:
+        lost = sum(per_image[name].fn for name in missing)
+        warnings.warn(
+            f"no predictions for {len(missing)} of {len(truth)} annotated images ({_some(missing)}): "
+            f"their {lost} nuclei count as missed",
+            stacklevel=2,
+        )
+    extra = [name for name in pred if name not in truth]
+    if extra:
+        warnings.warn(f"no annotations for {len(extra)} predicted images ({_some(extra)}): not scored", stacklevel=2)
+    return per_image, sum(per_image.values(), Score(0, 0, 0))
+
+
+def format_table(per_image: Mapping[str, Score], total: Score) -> str:
+    """Aligned plain-text table for a terminal or a log, one row per image and the total last."""
+    rows = [list(_COLUMNS)] + [_row(name, s, 3) for name, s in per_image.items()] + [_row(TOTAL_ROW, total, 3)]
+    widths = [max(len(r[k]) for r in rows) for k in range(len(_COLUMNS))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(cells, widths)))
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(rows[0]), rule, *map(line, rows[1:-1]), rule, line(rows[-1])]) + "\n"
+
+
+def write_scores_csv(path: str | os.PathLike[str], per_image: Mapping[str, Score], total: Score) -> Path:
+    """The table of `format_table` as CSV, total last; written atomically so a reader never sees half a file."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(_COLUMNS)
+    writer.writerows(_row(name, s, 6) for name, s in per_image.items())
+    writer.writerow(_row(TOTAL_ROW, total, 6))
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    return Path(path)
+
+
+def read_predictions(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """{image stem: (N, 2) x, y} of wsiproc's detection CSVs: a results folder or one `<stem>.csv`.
+
+    The stem is used exactly as written, because wsiproc names each result after its input image.
+    Score tables (`*_scores.csv`) and hidden temporary files in the folder are skipped. A table holding
+    many images (`image,x,y`) is read with `wsiproc.annotations.read_points` instead.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(
+            p for p in path.glob("*.csv") if not p.name.endswith("_scores.csv") and not p.name.startswith(".")
+        )
+        if not files:
+            raise ValueError(f"{path}: no prediction files (<image>.csv) in this folder")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    out: dict[str, np.ndarray] = {}
+    for file in files:
+        out.update(read_points(file, image=file.stem))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- internals
+
+
+def _as_points(xy: np.ndarray, name: str) -> np.ndarray:
+    points = np.asarray(xy, dtype=np.float64)
+    if points.size == 0:
+        return points.reshape(0, 2)
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise ValueError(f"{name} has shape {points.shape}, expected (N, 2) x, y")
+    if not np.all(np.isfinite(points)):
+        raise ValueError(f"{name} has non-finite coordinates")
+    return points
+
+
+def _check_radius(radius_px: float) -> None:
+    if not (isinstance(radius_px, (int, float, np.number)) and math.isfinite(radius_px) and radius_px > 0):
+        raise ValueError(f"radius_px must be a positive number of pixels, got {radius_px!r}")
+
+
+def _pairs_within(a: np.ndarray, b: np.ndarray, radius_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All (index in a, index in b, distance) with distance <= radius, coincident points included."""
+    pairs = cKDTree(a).sparse_distance_matrix(cKDTree(b), radius_px, output_type="ndarray")
+    keep = pairs["v"] <= radius_px
+    return pairs["i"][keep].astype(np.intp), pairs["j"][keep].astype(np.intp), pairs["v"][keep]
+
+
+def _max_matching(
+    i: np.ndarray, j: np.ndarray, cost: np.ndarray, n_left: int, n_right: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Maximum-cardinality, then minimum-cost, one-to-one matching using only the edges (i, j, cost).
+
+    Solved per connected component of the edge graph with a dense assignment in which non-edges cost
+    `big`. Since `big` exceeds any sum of edge costs an assignment can have, one more real pair always
+    beats any saving in distance, so the assignment maximises pairs first; non-edges are then dropped.
+    """
+    if not len(i):
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    n = n_left + n_right
+    graph = coo_matrix((np.ones(len(i), np.int8), (i, j + n_left)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    edge_component = component[i]
+    order = np.argsort(edge_component, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(edge_component[order]) != 0])
+    ends = np.r_[starts[1:], len(order)]
+    left: list[np.ndarray] = []
+    right: list[np.ndarray] = []
+    single = starts[ends - starts == 1]  # an isolated pair needs no solving
+    left.append(i[order[single]])
+    right.append(j[order[single]])
+    for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+        edges = order[start:end]
+        rows, r = np.unique(i[edges], return_inverse=True)
+        cols, c = np.unique(j[edges], return_inverse=True)
+        big = (float(cost[edges].max()) + 1.0) * (min(len(rows), len(cols)) + 1)
+        matrix = np.full((len(rows), len(cols)), big)
+        matrix[r, c] = cost[edges]
+        is_edge = np.zeros(matrix.shape, bool)
+        is_edge[r, c] = True
+        a, b = linear_sum_assignment(matrix)
+        real = is_edge[a, b]
+        left.append(rows[a[real]])
+        right.append(cols[b[real]])
+    pred_idx = np.concatenate(left).astype(np.intp)
+    true_idx = np.concatenate(right).astype(np.intp)
+    by_pred = np.argsort(pred_idx, kind="stable")
+    return pred_idx[by_pred], true_idx[by_pred]
+
+
+def _row(name: str, score: Score, decimals: int) -> list[str]:
+    counts = [score.n_true, score.n_pred, score.tp, score.fp, score.fn]
+    ratios = [score.precision, score.recall, score.f1]
+    return [name, *map(str, counts), *(f"{v:.{decimals}f}" for v in ratios)]
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
