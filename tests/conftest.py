@@ -19,3 +19,25 @@ def shared_data() -> Path:
     if not root.is_dir():
         pytest.skip(f"shared data not found at {root}: real-data tests need ../shared/data")
     return root
+
+
+@pytest.fixture(scope="session")
+def slides(shared_data: Path) -> Path:
+    return shared_data / "slides"
+
+
+@pytest.fixture(scope="session")
+def shipped_model() -> Path:
+    """The model inside the package: what `wsiproc run` uses without --model."""
+    from wsiproc.model import DEFAULT_MODEL_PATH
+
+    if not DEFAULT_MODEL_PATH.is_file():
+        pytest.fail(f"the shipped model is missing at {DEFAULT_MODEL_PATH}")
+    return DEFAULT_MODEL_PATH
+
+
+@pytest.fixture(scope="session")
+def predictor(shipped_model: Path):
+    from wsiproc.inference import Predictor
+
+    return Predictor(shipped_model)

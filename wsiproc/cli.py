@@ -11,6 +11,8 @@ import click
 from . import __version__
 from .config import RunConfig
 
+SAMPLE_SLIDE = Path(__file__).parent / "sample" / "CMU-1-Small-Region.svs"
+
 
 def _fail_usage(message: str) -> None:
     click.echo(f"error: {message}", err=True)
@@ -24,7 +26,8 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--sample", is_flag=True, help="Add the bundled sample slide (CMU-1-Small-Region.svs) to the inputs.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), help="A .keras model (default: the shipped one).")
 @click.option("--mpp", type=float, help="Pixel size in µm/px, overriding the file's (needed for plain images).")
@@ -36,9 +39,13 @@ def main() -> None:
 @click.option("--density-cell-um", type=float, default=RunConfig.density_cell_um, show_default=True)
 @click.option("--geojson-gz", is_flag=True, help="Write <stem>.geojson.gz instead of <stem>.geojson.")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the final summary.")
-def run(inputs: tuple[Path, ...], out_dir: Path, model_path: Path | None, mpp: float | None, tile_px: int, halo_px: int,
+def run(inputs: tuple[Path, ...], sample: bool, out_dir: Path, model_path: Path | None, mpp: float | None, tile_px: int, halo_px: int,
         batch_size: int, threshold: float, no_tissue_mask: bool, density_cell_um: float, geojson_gz: bool, quiet: bool) -> None:
     """Detect nuclei in every INPUT and write <stem>.csv, .geojson, _density.tiff/.png and .json to --out."""
+    if sample:
+        inputs = (*inputs, SAMPLE_SLIDE)
+    if not inputs:
+        _fail_usage("no inputs: give slide or image files (or --sample)")
     cfg = RunConfig(
         model_path=str(model_path) if model_path else None, mpp=mpp, tile_px=tile_px, halo_px=halo_px,
         batch_size=batch_size, threshold=threshold, tissue_mask=not no_tissue_mask,

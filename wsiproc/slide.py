@@ -131,6 +131,8 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     for opener in (_open_openslide, _open_tiffslide, _open_image):
         try:
             slide = opener(path)
+            if slide is not None:
+                _probe(slide)
         except Exception as exc:  # each reader signals refusal differently
             errors.append(f"{opener.__name__[6:]}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
             continue
@@ -141,6 +143,13 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
         return slide
     detail = "; ".join(errors) if errors else "unsupported file type"
     raise SlideError(f"{path}: cannot be read as a slide or image ({detail})")
+
+
+def _probe(slide: Slide) -> None:
+    """Decode a few pixels now: some readers open lazily and would only fail in the middle of a run."""
+    level = slide.level_count - 1
+    w, h = slide.level_dimensions[level]
+    slide.read_level(level, 0, 0, min(w, 16), min(h, 16))
 
 
 def _open_openslide(path: Path) -> Slide | None:
