@@ -147,3 +147,109 @@ def info(slide_path: Path, mpp: float | None, as_json: bool) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _expand(spec: str, suffixes: set[str] | None = None) -> list[Path]:
+    """A file, a folder (its files) or a glob pattern → sorted file list."""
+    import glob
+
+    path = Path(spec)
+    if path.is_dir():
+        files = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    elif path.is_file():
+        files = [path]
+    else:
+        files = [Path(p) for p in sorted(glob.glob(spec)) if Path(p).is_file()]
+    if suffixes is not None:
+        files = [p for p in files if "".join(p.suffixes[-2:]).lower() in suffixes or p.suffix.lower() in suffixes]
+    return files
+
+
+def _read_annotations(spec: str) -> dict:
+    from .annotations import read_points
+
+    points: dict = {}
+    files = _expand(spec)
+    if not files:
+        _fail_usage(f"{spec}: no annotation files found")
+    for path in files:
+        points.update(read_points(path))
+    return points
+
+
+@main.command()
+@click.option("--images", "images_spec", required=True, help="Image folder, file or glob pattern.")
+@click.option("--points", "points_spec", required=True, help="Annotations: file, folder or glob (CSV, CellCounter XML, ImageScope XML, label maps, GeoJSON).")
+@click.option("--mpp", type=float, required=True, help="Pixel size of the images in µm/px.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--init-vgg16", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Local Keras VGG-16 weights file for blocks 1–2.")
+@click.option("--freeze-vgg", is_flag=True, help="Keep the VGG-16 layers fixed (as in the paper, with --init-vgg16).")
+@click.option("--epochs", type=int, default=2, show_default=True)
+@click.option("--steps-per-epoch", type=int, default=None, help="Default: one block per annotated nucleus per epoch.")
+@click.option("--block-px", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--background-fraction", type=float, default=0.25, show_default=True, help="Share of blocks at random positions.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), help="Checkpoint folder (default: <out>_checkpoints); rerun to resume.")
+def train(images_spec: str, points_spec: str, mpp: float, out_path: Path, init_vgg16: Path | None, freeze_vgg: bool, epochs: int,
+          steps_per_epoch: int | None, block_px: int, batch_size: int, lr: float, background_fraction: float, seed: int, work: Path | None) -> None:
+    """Train a detector on annotated images (the paper's recipe); resumes from the last checkpoint."""
+    from .annotations import image_key
+    from .slide import PLAIN_IMAGE_SUFFIXES, open_slide
+    from .training import TrainConfig, TrainingImage
+    from .training import train as run_training
+
+    if block_px % 4 or block_px < 16:
+        _fail_usage(f"--block-px must be a multiple of 4 and at least 16 (got {block_px})")
+    if freeze_vgg and init_vgg16 is None:
+        _fail_usage("--freeze-vgg needs --init-vgg16: frozen random layers learn nothing")
+    image_files = _expand(images_spec, PLAIN_IMAGE_SUFFIXES)
+    if not image_files:
+        _fail_usage(f"{images_spec}: no images found")
+    points = _read_annotations(points_spec)
+    samples = []
+    for path in image_files:
+        key = path.stem if path.stem in points else image_key(path)
+        if key not in points:
+            click.echo(f"{path}: no annotations found for this image; skipped", err=True)
+            continue
+        slide = open_slide(path, mpp)
+        w, h = slide.dimensions
+        rgb = slide.read_level(0, 0, 0, w, h)
+        slide.close()
+        samples.append(TrainingImage.from_level0(key, rgb, points[key], mpp))
+    if not samples:
+        _fail_usage("no image has annotations: check that annotation names match the image file names")
+    n_points = sum(len(s.points_xy) for s in samples)
+    click.echo(f"training on {len(samples)} images, {n_points} annotated nuclei")
+    cfg = TrainConfig(block_px=block_px, batch_size=batch_size, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                      learning_rate=lr, background_fraction=background_fraction, freeze_vgg=freeze_vgg, seed=seed)
+    state = run_training(samples, out_path, cfg, checkpoint_dir=work, vgg16_weights=init_vgg16, verbose=1)
+    losses = [h["loss"] for h in state["history"]]
+    click.echo(f"saved {out_path}: {state['epoch']} epochs, loss {losses[0]:.4f} → {losses[-1]:.4f}" if losses else f"saved {out_path}")
+
+
+@main.command()
+@click.option("--pred", "pred_spec", required=True, help="wsiproc results folder or one result CSV.")
+@click.option("--truth", "truth_spec", required=True, help="Annotations: file, folder or glob.")
+@click.option("--mpp", type=float, required=True, help="Pixel size of the annotated images in µm/px.")
+@click.option("--radius-um", type=float, default=5.0, show_default=True, help="Matching radius (the paper: 5 µm).")
+@click.option("--masks", "masks_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Instance label maps <image>.png|tif: a detection inside an unmatched nucleus mask is a hit.")
+@click.option("--out", "out_csv", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as CSV.")
+def evaluate(pred_spec: str, truth_spec: str, mpp: float, radius_um: float, masks_dir: Path | None, out_csv: Path | None) -> None:
+    """Precision, recall and F1 per image and over the set (one-to-one matching within --radius-um)."""
+    from .annotations import image_key, read_label_map
+    from .evaluate import evaluate_sets, format_table, read_predictions, write_scores_csv
+
+    pred = read_predictions(pred_spec)
+    truth = _read_annotations(truth_spec)
+    label_maps = None
+    if masks_dir is not None:
+        label_maps = {image_key(p): read_label_map(p) for p in _expand(str(masks_dir), {".png", ".tif", ".tiff"})}
+        label_maps = {k: v for k, v in label_maps.items() if k in truth}
+    per_image, total = evaluate_sets(pred, truth, radius_um / mpp, label_maps=label_maps)
+    click.echo(format_table(per_image, total))
+    if out_csv:
+        write_scores_csv(out_csv, per_image, total)

@@ -1,0 +1,72 @@
+"""The pipeline's promises on real H&E: tiling is invisible in the output, and glass never reaches the model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.spatial import cKDTree
+
+from wsiproc.config import RunConfig
+from wsiproc.pipeline import detect, plan_tiles
+from wsiproc.slide import open_slide
+from wsiproc.tiling import SlideSampler
+
+
+def _monuseg_image(shared_data: Path) -> Path:
+    return shared_data / "monuseg-train" / "images" / "TCGA-21-5784-01Z-00-DX1.tif"
+
+
+@pytest.fixture(scope="module")
+def untiled(shared_data: Path, predictor):
+    slide = open_slide(_monuseg_image(shared_data), mpp=0.25)
+    # One tile bigger than the whole image (500 × 500 at 0.5 µm/px): the reference without seams.
+    return detect(slide, RunConfig(tile_px=512, tissue_mask=False), predictor).detections
+
+
+@pytest.mark.parametrize("tile_px", [256, 200])  # 200 does not divide the 500-px image
+def test_tiled_output_equals_untiled_output(shared_data: Path, predictor, untiled, tile_px: int) -> None:
+    slide = open_slide(_monuseg_image(shared_data), mpp=0.25)
+    result = detect(slide, RunConfig(tile_px=tile_px, tissue_mask=False), predictor)
+    tiled = result.detections
+    assert result.stats["tiles_computed"] == result.stats["tiles_total"] == int(np.ceil(500 / tile_px)) ** 2
+    assert len(untiled) > 100  # a real image with many nuclei, not a trivial case
+    assert len(tiled) == len(untiled)
+    dist, _ = cKDTree(untiled.xy).query(tiled.xy)
+    assert dist.max() <= 0.5, f"a centroid moved by {dist.max():.2f} px across tile seams"
+
+
+class CountingPredictor:
+    """Wraps the real predictor and remembers every tile it was given."""
+
+    def __init__(self, predictor):
+        self.inner, self.tiles = predictor, []
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        self.tiles.extend(tiles)
+        return self.inner(tiles)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_background_tiles_are_not_sent_to_the_model(tmp_path: Path, shared_data: Path, predictor) -> None:
+    # Real H&E (256 × 256 px at 0.5 µm/px) pasted into the top-left corner of a blank 1024 × 1024 slide.
+    he = Image.open(_monuseg_image(shared_data)).convert("RGB").resize((256, 256))
+    canvas = Image.new("RGB", (1024, 1024), (255, 255, 255))
+    canvas.paste(he, (0, 0))
+    path = tmp_path / "mostly_glass.png"
+    canvas.save(path)
+    slide = open_slide(path, mpp=0.5)
+    cfg = RunConfig(tile_px=128, halo_px=32)
+    grid, tiles, info = plan_tiles(SlideSampler.for_slide(slide, 0.5), cfg)
+    assert info["tiles_total"] == 64
+    assert set(tiles) >= {(r, c) for r in range(2) for c in range(2)}  # every tile holding tissue
+    assert all(r <= 2 and c <= 2 for r, c in tiles), tiles  # and nothing far out in the glass
+    counting = CountingPredictor(predictor)
+    result = detect(slide, cfg, counting)
+    assert len(counting.tiles) == result.stats["tiles_computed"] == len(tiles) < 16
+    assert not any((t == 255).all() for t in counting.tiles)  # no all-glass tile reached the model
+    assert len(result.detections) > 20
+    assert result.detections.x_px.max() < 256 + 8 and result.detections.y_px.max() < 256 + 8
