@@ -70,3 +70,19 @@ def test_background_tiles_are_not_sent_to_the_model(tmp_path: Path, shared_data:
     assert not any((t == 255).all() for t in counting.tiles)  # no all-glass tile reached the model
     assert len(result.detections) > 20
     assert result.detections.x_px.max() < 256 + 8 and result.detections.y_px.max() < 256 + 8
+
+
+def test_a_local_dask_cluster_gives_exactly_the_local_result(shared_data: Path, predictor) -> None:
+    from wsiproc.cluster import dask_client
+
+    slide = open_slide(_monuseg_image(shared_data), mpp=0.25)
+    cfg = RunConfig(tile_px=128, batch_size=2, tissue_mask=False)  # 16 tiles in 8 batches over two workers
+    local = detect(slide, cfg, predictor).detections
+    with dask_client("local", n_workers=2) as client:
+        assert len(client.scheduler_info()["workers"]) == 2
+        assert all(addr.startswith("tcp://127.0.0.1:") for addr in client.scheduler_info()["workers"])
+        remote = detect(slide, cfg, predictor, client=client).detections
+    assert len(local) > 100
+    np.testing.assert_array_equal(remote.x_px, local.x_px)
+    np.testing.assert_array_equal(remote.y_px, local.y_px)
+    np.testing.assert_array_equal(remote.confidence, local.confidence)

@@ -23,24 +23,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from shapely import make_valid
 from shapely.errors import GEOSException
 from shapely.geometry import Polygon, shape
 from shapely.geometry.base import BaseGeometry
 
 __all__ = ["read_points", "read_imagescope_regions", "read_label_map", "label_centroids", "image_key"]
 
-# ElementTree is used because defusedxml is not a dependency. Annotation files are local files the user
-# chose to score, and Python's expat refuses external entities by default, so the remaining risk is an
-# entity-expansion bomb in a hostile file: acceptable for a local evaluation tool.
+# ElementTree rather than defusedxml, which is not a dependency: Python's expat never fetches external
+# entities, and expat >= 2.4.1 (bundled with every Python wsiproc supports) stops entity-expansion
+# bombs, which leaves nothing defusedxml would add for local annotation files.
 
 _LABEL_MAP_SUFFIXES = (".png", ".tif", ".tiff")
 _GEOJSON_SUFFIXES = (".geojson", ".json")
 _KNOWN_SUFFIXES = (".csv", ".xml", *_LABEL_MAP_SUFFIXES, *_GEOJSON_SUFFIXES, ".gz", ".ome")
 
 # Decorations that tools and data sets put around the image name. MoNuSeg's centroid tables are called
-# `train_<image>_from_masks.csv`; the rest are common names for an image's annotation file.
+# `train_<image>_from_masks.csv`, Fiji saves `CellCounter_<image>.xml`; the rest are common names for an
+# image's annotation file.
 _KEY_PATTERNS = (
     re.compile(r"^(?:train|test|val)_(?P<key>.+)_from_masks$"),
+    re.compile(r"^CellCounter_(?P<key>.+)$"),
     re.compile(
         r"^(?P<key>.+?)[_-](?:points|centroids|centers|centres|annotations?|labels?|masks?|instances?|cellcounter)$",
         re.IGNORECASE,
@@ -51,11 +54,12 @@ _KEY_PATTERNS = (
 def image_key(path: str | Path) -> str:
     """The image name a single-image annotation file belongs to: its stem without decorations.
 
-    `train_X_from_masks.csv`, `X_points.csv`, `X.geojson.gz`, `X_labels.png` and `X.xml` all give `X`,
+    `train_X_from_masks.csv`, `CellCounter_X.xml`, `X_points.csv`, `X.geojson.gz`, `X_labels.png` and
+    `X.xml` all give `X`,
     the stem that wsiproc's prediction files (`X.csv`) carry for image `X.*`.
     """
-    name = Path(path).name
-    while True:
+    name = Path(path).stem
+    while True:  # double extensions: .geojson.gz, .ome.tif
         stem, dot, ext = name.rpartition(".")
         if not dot or not stem or f".{ext.lower()}" not in _KNOWN_SUFFIXES:
             break
@@ -94,11 +98,13 @@ def read_points(path: str | Path, image: str | None = None) -> dict[str, np.ndar
 def read_imagescope_regions(path: str | Path) -> list[tuple[str, np.ndarray]]:
     """(class name, centroid x, y) of every region of an Aperio ImageScope XML file, in file order.
 
-    The class is the Annotation's Name or, as in MoNuSAC, the name of its first attribute (ImageScope's
-    default attribute "Description" is not a class and gives ""). Polygons give their area centroid, so
-    uneven vertex spacing along the outline does not pull the centre; regions with fewer than three
-    vertices (points, ellipses stored as two corners, lines) give the mean of their vertices. Negative
-    regions (holes, NegativeROA="1") and regions without vertices mark no nucleus and are skipped.
+    The class is the name of the Annotation's first attribute, where MoNuSAC keeps it, or else the
+    Annotation's (layer's) Name; ImageScope's default attribute "Description" names no class.
+    Polygons give their area centroid, so uneven vertex spacing along the outline does not pull the
+    centre. Self-crossing outlines are repaired first with shapely.make_valid, which keeps every lobe
+    (buffer(0) drops one). Regions enclosing no area (points, ellipses stored as two corners, lines)
+    give the mean of their vertices. Negative regions (holes, NegativeROA="1") and regions without
+    vertices mark no nucleus and are skipped.
     """
     path = Path(path)
     root = _parse_xml(path)
@@ -110,11 +116,10 @@ def read_imagescope_regions(path: str | Path) -> list[tuple[str, np.ndarray]]:
 def _imagescope_regions(path: Path, root: ET.Element) -> list[tuple[str, np.ndarray]]:
     regions = []
     for annotation in root.iter("Annotation"):
-        class_name = annotation.get("Name", "")
-        if not class_name:
-            attribute = annotation.find("Attributes/Attribute")
-            if attribute is not None and attribute.get("Name", "") != "Description":
-                class_name = attribute.get("Name", "")
+        attribute = annotation.find("Attributes/Attribute")
+        class_name = attribute.get("Name", "") if attribute is not None else ""
+        if class_name in ("", "Description"):
+            class_name = annotation.get("Name", "")
         for region in annotation.iter("Region"):
             if region.get("NegativeROA", "0") == "1":
                 continue
@@ -151,7 +156,9 @@ def read_label_map(path: str | Path) -> np.ndarray:
         try:
             with Image.open(path) as img:
                 if img.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "PA", "LA"):
-                    raise ValueError(f"{path}: {img.mode} image, not an instance label map (expected one integer channel)")
+                    raise ValueError(
+                        f"{path}: {img.mode} image, not an instance label map (expected one integer channel)"
+                    )
                 array = np.asarray(img)
         except UnidentifiedImageError as exc:
             raise ValueError(f"{path}: cannot read as an image: {exc}") from exc
@@ -170,8 +177,9 @@ def read_label_map(path: str | Path) -> np.ndarray:
 def label_centroids(label_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(labels, (N, 2) x, y centroids) of the nonzero labels of an instance label map, labels ascending.
 
-    The centroid is the mean pixel index of the label's pixels (scipy.ndimage.center_of_mass), so a
-    nucleus of one pixel sits exactly on that pixel. Labels that occur in no pixel do not exist.
+    The centroid is the mean pixel index of the label's pixels, as scipy.ndimage.center_of_mass gives,
+    so a nucleus of one pixel sits exactly on that pixel; computed with one sort and bincounts, which
+    does not care how large or sparse the label values are. Labels that occur in no pixel do not exist.
     """
     label_map = np.asarray(label_map)
     if label_map.ndim != 2:
@@ -199,7 +207,7 @@ def _read_any(path: Path) -> tuple[np.ndarray | dict[str, np.ndarray], str | Non
         root = _parse_xml(path)
         if root.tag == "CellCounter_Marker_File":
             filename = (root.findtext("Image_Properties/Image_Filename") or "").strip()
-            declared = image_key(Path(filename.replace("\\", "/")).stem) if filename else None
+            declared = image_key(filename.replace("\\", "/")) if filename else None
             return _read_cellcounter(path, root), declared
         if root.tag == "Annotations":
             regions = _imagescope_regions(path, root)
@@ -301,7 +309,9 @@ def _read_cellcounter(path: Path, root: ET.Element) -> np.ndarray:
         try:
             points.append((float(x_text), float(y_text)))  # type: ignore[arg-type]
         except (TypeError, ValueError):
-            raise ValueError(f"{path}: a <Marker> has no numeric MarkerX and MarkerY ({x_text!r}, {y_text!r})") from None
+            raise ValueError(
+                f"{path}: a <Marker> has no numeric MarkerX and MarkerY ({x_text!r}, {y_text!r})"
+            ) from None
     return np.asarray(points, dtype=np.float64).reshape(-1, 2)
 
 
@@ -354,7 +364,7 @@ def _geometry_points(geometry: dict[str, Any]) -> list[tuple[float, float]]:
         try:
             geom: BaseGeometry | None = shape(geometry)
             if not geom.is_valid:
-                geom = geom.buffer(0)  # self-touching hand-drawn outlines
+                geom = make_valid(geom)
         except (ValueError, GEOSException):  # rings of fewer than 4 positions
             geom = None
         if geom is not None and not geom.is_empty and geom.area > 0:
@@ -379,8 +389,8 @@ def _outline_centroid(vertices: np.ndarray) -> np.ndarray:
     if len(vertices) >= 3:
         try:
             polygon: BaseGeometry = Polygon(vertices)
-            if not polygon.is_valid:
-                polygon = polygon.buffer(0)  # self-touching hand-drawn outlines
+            if not polygon.is_valid:  # self-crossing hand-drawn outlines
+                polygon = make_valid(polygon)
         except (ValueError, GEOSException):
             polygon = Polygon()
         if not polygon.is_empty and polygon.area > 0:

@@ -38,22 +38,41 @@ def main() -> None:
 @click.option("--no-tissue-mask", is_flag=True, help="Send every tile to the model, background included.")
 @click.option("--density-cell-um", type=float, default=RunConfig.density_cell_um, show_default=True)
 @click.option("--geojson-gz", is_flag=True, help="Write <stem>.geojson.gz instead of <stem>.geojson.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="YAML file of run parameters (see configs/); options given on the command line win.")
+@click.option("--strict", is_flag=True, help="A tile that cannot be decoded fails its slide (default: skipped, reported).")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Skip inputs whose outputs are complete for the same input, model and parameters.")
+@click.option("--scheduler", help="dask.distributed: 'local' (a LocalCluster on 127.0.0.1) or an existing scheduler's address.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Worker processes for --scheduler local.")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the final summary.")
-def run(inputs: tuple[Path, ...], sample: bool, out_dir: Path, model_path: Path | None, mpp: float | None, tile_px: int, halo_px: int,
-        batch_size: int, threshold: float, no_tissue_mask: bool, density_cell_um: float, geojson_gz: bool, quiet: bool) -> None:
+@click.pass_context
+def run(ctx: click.Context, inputs: tuple[Path, ...], sample: bool, out_dir: Path, model_path: Path | None, mpp: float | None, tile_px: int, halo_px: int,
+        batch_size: int, threshold: float, no_tissue_mask: bool, density_cell_um: float, geojson_gz: bool,
+        config_file: Path | None, strict: bool, resume: bool, scheduler: str | None, workers: int, quiet: bool) -> None:
     """Detect nuclei in every INPUT and write <stem>.csv, .geojson, _density.tiff/.png and .json to --out."""
     if sample:
         inputs = (*inputs, SAMPLE_SLIDE)
     if not inputs:
         _fail_usage("no inputs: give slide or image files (or --sample)")
-    cfg = RunConfig(
-        model_path=str(model_path) if model_path else None, mpp=mpp, tile_px=tile_px, halo_px=halo_px,
-        batch_size=batch_size, threshold=threshold, tissue_mask=not no_tissue_mask,
-        density_cell_um=density_cell_um, geojson_gz=geojson_gz,
-    )
+    from click.core import ParameterSource
+
+    from .config import load_config_file
+
+    options = {
+        "model_path": ("model_path", str(model_path) if model_path else None), "mpp": ("mpp", mpp),
+        "tile_px": ("tile_px", tile_px), "halo_px": ("halo_px", halo_px), "batch_size": ("batch_size", batch_size),
+        "threshold": ("threshold", threshold), "tissue_mask": ("no_tissue_mask", not no_tissue_mask),
+        "density_cell_um": ("density_cell_um", density_cell_um), "geojson_gz": ("geojson_gz", geojson_gz),
+        "strict": ("strict", strict),
+    }
     try:
-        cfg.validate()
-    except ValueError as exc:
+        values = load_config_file(config_file) if config_file else {}
+        for field_name, (param, value) in options.items():
+            if field_name not in values or ctx.get_parameter_source(param) == ParameterSource.COMMANDLINE:
+                values[field_name] = value
+        cfg = RunConfig(**values).validate()
+    except (ValueError, TypeError) as exc:
         _fail_usage(str(exc))
     stems: dict[str, Path] = {}
     for path in inputs:
@@ -61,54 +80,64 @@ def run(inputs: tuple[Path, ...], sample: bool, out_dir: Path, model_path: Path 
             _fail_usage(f"{path} and {stems[path.stem]} share the output name '{path.stem}': rename one or run them separately")
         stems[path.stem] = path
 
-    from tqdm import tqdm
-
+    from .batch import run_batch, summary_table
     from .inference import Predictor
-    from .pipeline import run_slide
 
     try:
         predictor = Predictor(cfg.model_path)
     except (FileNotFoundError, ValueError) as exc:
         _fail_usage(str(exc))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    failed: list[tuple[Path, str]] = []
-    done: list[tuple[Path, int, float]] = []
-    for path in inputs:
-        t0 = time.perf_counter()
-        bar = None
-        if not quiet:
-            bar = tqdm(total=0, desc=path.name, unit="tile", leave=True, dynamic_ncols=True, file=sys.stderr)
+    bars: list = []
 
-        def progress(n_done: int, n_total: int, n_nuclei: int, bar=bar) -> None:
-            if bar is not None:
-                bar.total = n_total
-                bar.n = n_done
-                bar.set_postfix(nuclei=n_nuclei, refresh=False)
-                bar.refresh()
+    def progress_for(path: Path):
+        if quiet:
+            return None
+        return _progress(path, bars)
 
-        try:
-            record = run_slide(path, out_dir, cfg, predictor, progress=progress)
-        except Exception as exc:  # one bad input must not stop the batch
-            failed.append((path, _one_line(exc)))
-            if bar is not None:
-                bar.close()
-            click.echo(f"{path}: {_one_line(exc, with_path=False, path=path)}", err=True)
-            continue
-        if bar is not None:
+    def echo(line: str) -> None:
+        for bar in bars:
             bar.close()
-        done.append((path, record["nuclei"], time.perf_counter() - t0))
-        if not quiet:
-            click.echo(f"{path}: {record['nuclei']} nuclei, {record['tiles']['tiles_computed']}/{record['tiles']['tiles_total']} tiles, "
-                       f"{time.perf_counter() - t0:.1f} s")
-    click.echo(f"done {len(done)}, failed {len(failed)} of {len(inputs)} inputs; results in {out_dir}")
-    sys.exit(1 if failed else 0)
+        bars.clear()
+        click.echo(line, err=True)
+
+    from .cluster import dask_client
+
+    try:
+        with dask_client(scheduler, n_workers=workers) as client:
+            outcomes = run_batch(list(inputs), out_dir, cfg, predictor, resume=resume, echo=echo, progress_for=progress_for,
+                                 client=client)
+    except KeyboardInterrupt:
+        echo("interrupted: finished results are complete; unfinished ones left no files (rerun to continue)")
+        sys.exit(130)
+    for bar in bars:
+        bar.close()
+    click.echo(summary_table(outcomes))
+    sys.exit(1 if any(o.status == "failed" for o in outcomes) else 0)
 
 
-def _one_line(exc: Exception, with_path: bool = True, path: Path | None = None) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if not with_path and path is not None and text.startswith(f"{path}: "):
-        text = text[len(f"{path}: "):]
-    return text
+def _progress(path: Path, bars: list):
+    """A per-slide bar on a terminal (tiles done / total, nuclei so far, ETA); plain log lines otherwise."""
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    state = {"last": 0.0}
+
+    def update(n_done: int, n_total: int, n_nuclei: int) -> None:
+        if interactive:
+            if not bars:
+                bars.append(tqdm(total=n_total, desc=path.name, unit="tile", dynamic_ncols=True, file=sys.stderr))
+            bar = bars[0]
+            bar.total = n_total
+            bar.set_postfix(nuclei=n_nuclei, refresh=False)
+            bar.update(n_done - bar.n)
+            if n_done == n_total:
+                bar.close()
+                bars.clear()
+        elif time.monotonic() - state["last"] > 10 or n_done == n_total:
+            state["last"] = time.monotonic()
+            click.echo(f"{path}: {n_done}/{n_total} tiles, {n_nuclei} nuclei", err=True)
+
+    return update
 
 
 @main.command()
@@ -184,6 +213,7 @@ def _read_annotations(spec: str) -> dict:
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--init-vgg16", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Local Keras VGG-16 weights file for blocks 1–2.")
 @click.option("--freeze-vgg", is_flag=True, help="Keep the VGG-16 layers fixed (as in the paper, with --init-vgg16).")
+@click.option("--init-model", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Start from this .keras model's weights.")
 @click.option("--epochs", type=int, default=2, show_default=True)
 @click.option("--steps-per-epoch", type=int, default=None, help="Default: one block per annotated nucleus per epoch.")
 @click.option("--block-px", type=int, default=64, show_default=True)
@@ -192,7 +222,8 @@ def _read_annotations(spec: str) -> dict:
 @click.option("--background-fraction", type=float, default=0.25, show_default=True, help="Share of blocks at random positions.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), help="Checkpoint folder (default: <out>_checkpoints); rerun to resume.")
-def train(images_spec: str, points_spec: str, mpp: float, out_path: Path, init_vgg16: Path | None, freeze_vgg: bool, epochs: int,
+def train(images_spec: str, points_spec: str, mpp: float, out_path: Path, init_vgg16: Path | None, freeze_vgg: bool,
+          init_model: Path | None, epochs: int,
           steps_per_epoch: int | None, block_px: int, batch_size: int, lr: float, background_fraction: float, seed: int, work: Path | None) -> None:
     """Train a detector on annotated images (the paper's recipe); resumes from the last checkpoint."""
     from .annotations import image_key
@@ -225,7 +256,8 @@ def train(images_spec: str, points_spec: str, mpp: float, out_path: Path, init_v
     click.echo(f"training on {len(samples)} images, {n_points} annotated nuclei")
     cfg = TrainConfig(block_px=block_px, batch_size=batch_size, epochs=epochs, steps_per_epoch=steps_per_epoch,
                       learning_rate=lr, background_fraction=background_fraction, freeze_vgg=freeze_vgg, seed=seed)
-    state = run_training(samples, out_path, cfg, checkpoint_dir=work, vgg16_weights=init_vgg16, verbose=1)
+    state = run_training(samples, out_path, cfg, checkpoint_dir=work, vgg16_weights=init_vgg16,
+                         init_model=init_model, verbose=1)
     losses = [h["loss"] for h in state["history"]]
     click.echo(f"saved {out_path}: {state['epoch']} epochs, loss {losses[0]:.4f} → {losses[-1]:.4f}" if losses else f"saved {out_path}")
 

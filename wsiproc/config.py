@@ -21,6 +21,7 @@ class RunConfig:
     density_cell_um: float = 50.0
     geojson_gz: bool = False
     io_workers: int = 2
+    strict: bool = False  # a tile that cannot be decoded fails the slide (default: skipped and reported)
 
     def validate(self) -> "RunConfig":
         problems = []
@@ -48,3 +49,20 @@ class RunConfig:
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Values of a YAML run config, checked against RunConfig's fields (yaml.safe_load: no code from files)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read config ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must be a mapping of parameter: value")
+    unknown = sorted(set(data) - RunConfig.field_names())
+    if unknown:
+        raise ValueError(f"{path}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(RunConfig.field_names()))}")
+    return data

@@ -2,8 +2,8 @@
 
 A detection is a true positive when it is paired with an annotated nucleus no farther than the radius,
 each nucleus and each detection in at most one pair. Among all such pairings the one with the most
-pairs is used (ties: the smallest summed distance), so a score never depends on the order of points,
-as greedy nearest-first matching would. Precision, recall and F1 of a set are micro-averaged: counts
+pairs is used (ties: the smallest summed distance); greedy nearest-first matching can lose pairs in
+chains of crowded nuclei and would score a detector lower than its detections deserve. Precision, recall and F1 of a set are micro-averaged: counts
 are summed over images before the ratios are taken, so images weigh by their nucleus count.
 
 Everything here is in level-0 pixels (x = column, y = row); a caller with a radius in micrometres
@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from scipy.spatial import cKDTree
 
 from wsiproc.annotations import label_centroids, read_label_map, read_points
@@ -89,9 +88,9 @@ def match_points(pred_xy: np.ndarray, true_xy: np.ndarray, radius_px: float) -> 
     """Indices (pred_idx, true_idx) of the one-to-one pairs no farther apart than `radius_px` (inclusive).
 
     The pairing has the most pairs possible, and among those the smallest summed distance. Only pairs
-    within the radius are ever considered, found with a k-d tree; the candidate graph falls apart into
-    small connected groups of crowded nuclei, and each group is solved exactly on its own, which keeps
-    thousands of points per image fast. Pairs are returned sorted by prediction index.
+    within the radius are ever considered (found with a k-d tree) and the assignment is solved on that
+    sparse set of candidates, which keeps thousands of points per image in the tens of milliseconds.
+    Pairs are returned sorted by prediction index.
     """
     pred = _as_points(pred_xy, "pred_xy")
     true = _as_points(true_xy, "true_xy")
@@ -116,9 +115,8 @@ def score_image(
     paired with a nucleus when it lies within `radius_px` of the label's centroid *or* inside the label's
     pixels (at the pixel its coordinates round to): a detection on a large or elongated nucleus, off its
     centroid, still finds it. Pairing stays one-to-one and maximal, as above. Nuclei are identified by
-    label rather than by `true_xy` because a centroid can lie outside its own, non-convex mask, so points
-    cannot be assigned to labels by lookup; `true_xy` may therefore be None, and if given it must hold
-    one point per label (a different count means the points and the map describe different nuclei).
+    label, not by `true_xy`, because a centroid can lie outside its own non-convex mask, so points cannot
+    be assigned to labels by lookup; with a label map `true_xy` is therefore not used (pass None).
     """
     pred = _as_points(pred_xy, "pred_xy")
     _check_radius(radius_px)
@@ -131,10 +129,6 @@ def score_image(
 
     label_map = np.asarray(label_map)
     labels, centroids = label_centroids(label_map)
-    if true_xy is not None and len(_as_points(true_xy, "true_xy")) != len(labels):
-        raise ValueError(
-            f"label map has {len(labels)} nuclei but true_xy has {len(true_xy)} points: not the same annotation"
-        )
     if not len(pred) or not len(labels):
         return Score(0, len(pred), len(labels))
     i, j, distance = _pairs_within(pred, centroids, radius_px)
@@ -152,9 +146,7 @@ def score_image(
     i = np.concatenate([i, inside])
     j = np.concatenate([j, nucleus])
     distance = np.concatenate([distance, inside_distance])
-    key = i * len(labels) + j  # an edge found both ways has the same distance; keep one copy
-    _, first = np.unique(key, return_index=True)
-    tp = len(_max_matching(i[first], j[first], distance[first], len(pred), len(labels))[0])
+    tp = len(_max_matching(i, j, distance, len(pred), len(labels))[0])
     return Score(tp, len(pred) - tp, len(labels) - tp)
 
 
@@ -169,13 +161,16 @@ def evaluate_sets(
     Every annotated image is scored: one without predictions scores all its nuclei as missed rather than
     being dropped, which would flatter the total. Predicted images without annotations cannot be scored
     and are left out. Both cases raise one warning each, naming the images, since they usually mean
-    mismatched file names. `radius_px` may differ per image (images of different pixel sizes), and
-    images listed in `label_maps` (label map arrays or files) are scored with the label-map rule of
-    `score_image`.
+    mismatched file names. `radius_px` may differ per image (images of different pixel sizes).
+
+    Images listed in `label_maps` (label map arrays or files) are scored with the label-map rule of
+    `score_image`, so their nuclei are the map's labels. Where the annotated points count differently
+    (MoNuSeg's polygons and label maps differ by a nucleus here and there), a warning names the image.
     """
     label_maps = label_maps or {}
     per_image: dict[str, Score] = {}
     missing: list[str] = []
+    recounted: list[str] = []
     for name, true_xy in truth.items():
         if isinstance(radius_px, Mapping):
             if name not in radius_px:
@@ -194,6 +189,8 @@ def evaluate_sets(
             per_image[name] = score_image(pred.get(name, np.zeros((0, 2))), true_xy, radius, label_map)
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
+        if label_map is not None and per_image[name].n_true != len(true_xy):
+            recounted.append(f"{name}: {per_image[name].n_true} labels, {len(true_xy)} points")
     if missing:
         lost = sum(per_image[name].fn for name in missing)
         warnings.warn(
@@ -201,9 +198,17 @@ def evaluate_sets(
             f"their {lost} nuclei count as missed",
             stacklevel=2,
         )
+    if recounted:
+        warnings.warn(
+            f"label maps and annotated points count different nuclei ({_some(recounted, 3)}): "
+            "scored against the label maps",
+            stacklevel=2,
+        )
     extra = [name for name in pred if name not in truth]
     if extra:
-        warnings.warn(f"no annotations for {len(extra)} predicted images ({_some(extra)}): not scored", stacklevel=2)
+        warnings.warn(
+            f"predictions for {len(extra)} images without annotations ({_some(extra)}): not scored", stacklevel=2
+        )
     return per_image, sum(per_image.values(), Score(0, 0, 0))
 
 
@@ -286,39 +291,34 @@ def _max_matching(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Maximum-cardinality, then minimum-cost, one-to-one matching using only the edges (i, j, cost).
 
-    Solved per connected component of the edge graph with a dense assignment in which non-edges cost
-    `big`. Since `big` exceeds any sum of edge costs an assignment can have, one more real pair always
-    beats any saving in distance, so the assignment maximises pairs first; non-edges are then dropped.
+    Solved as a minimum-weight full matching of a sparse bipartite graph (scipy's LAPJVsp), so time
+    and memory grow with the candidate pairs, not with n_left * n_right: a dense assignment matrix
+    would need gigabytes for a large region. A full matching must cover the smaller side, which real
+    pairs alone rarely can, so each node of that side gets a private stand-in partner at cost `big`.
+    `big` exceeds any sum of real costs a matching can have, so one more real pair always beats any
+    saving in distance: the solver maximises pairs first, then minimises their summed cost. Costs are
+    shifted by 1 because the solver treats zero weights (coincident points) as missing edges; every
+    full matching has the same number of edges, so the shift changes no comparison.
     """
     if not len(i):
         return np.zeros(0, np.intp), np.zeros(0, np.intp)
-    n = n_left + n_right
-    graph = coo_matrix((np.ones(len(i), np.int8), (i, j + n_left)), shape=(n, n))
-    _, component = connected_components(graph, directed=False)
-    edge_component = component[i]
-    order = np.argsort(edge_component, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(edge_component[order]) != 0])
-    ends = np.r_[starts[1:], len(order)]
-    left: list[np.ndarray] = []
-    right: list[np.ndarray] = []
-    single = starts[ends - starts == 1]  # an isolated pair needs no solving
-    left.append(i[order[single]])
-    right.append(j[order[single]])
-    for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
-        edges = order[start:end]
-        rows, r = np.unique(i[edges], return_inverse=True)
-        cols, c = np.unique(j[edges], return_inverse=True)
-        big = (float(cost[edges].max()) + 1.0) * (min(len(rows), len(cols)) + 1)
-        matrix = np.full((len(rows), len(cols)), big)
-        matrix[r, c] = cost[edges]
-        is_edge = np.zeros(matrix.shape, bool)
-        is_edge[r, c] = True
-        a, b = linear_sum_assignment(matrix)
-        real = is_edge[a, b]
-        left.append(rows[a[real]])
-        right.append(cols[b[real]])
-    pred_idx = np.concatenate(left).astype(np.intp)
-    true_idx = np.concatenate(right).astype(np.intp)
+    order = np.lexsort((cost, j, i))  # repeated edges: keep the cheapest
+    i, j, cost = i[order], j[order], cost[order]
+    first = np.r_[True, (np.diff(i) != 0) | (np.diff(j) != 0)]
+    i, j, cost = i[first], j[first], cost[first]
+
+    swap = n_left > n_right  # the smaller side is the one that must be covered
+    rows, cols, n_rows, n_cols = (j, i, n_right, n_left) if swap else (i, j, n_left, n_right)
+    big = (float(cost.max()) + 2.0) * (n_rows + 1)
+    stand_in = np.arange(n_rows)
+    graph = csr_matrix(
+        (np.r_[cost + 1.0, np.full(n_rows, big)], (np.r_[rows, stand_in], np.r_[cols, n_cols + stand_in])),
+        shape=(n_rows, n_cols + n_rows),
+    )
+    _, partner = min_weight_full_bipartite_matching(graph)
+    real = partner < n_cols
+    matched_rows, matched_cols = np.flatnonzero(real), partner[real].astype(np.intp)
+    pred_idx, true_idx = (matched_cols, matched_rows) if swap else (matched_rows, matched_cols)
     by_pred = np.argsort(pred_idx, kind="stable")
     return pred_idx[by_pred], true_idx[by_pred]
 

@@ -6,6 +6,9 @@ no whole-slide image or confidence map ever exists in memory.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -39,11 +42,17 @@ def plan_tiles(sampler: SlideSampler, cfg: RunConfig) -> tuple[TileGrid, list[tu
     """The tile grid and the tiles worth computing (those touching tissue, unless the mask is off)."""
     h, w = sampler.shape_hw()
     grid = TileGrid(h, w, cfg.tile_px, cfg.halo_px)
-    info: dict = {"tiles_total": len(grid)}
+    info: dict = {"tiles_total": len(grid), "warnings": []}
     if cfg.tissue_mask:
         mask = tissue_mask(sampler)
         tiles = mask.tiles_touching(grid, cfg.model_mpp)
-        info.update(tissue_fraction=round(mask.fraction, 4), tissue_saturation_threshold=round(mask.saturation_threshold, 4))
+        info.update(tissue_fraction=round(mask.fraction, 4), tissue_saturation_threshold=round(mask.saturation_threshold, 4),
+                    median_brightness=round(mask.median_brightness, 1))
+        if not mask.looks_brightfield:
+            info["warnings"].append(f"does not look like brightfield H&E (median brightness {mask.median_brightness:.0f}/255, "
+                                    "dark background: fluorescence?); detections are likely meaningless")
+        if not tiles:
+            info["warnings"].append("no tissue found: no tile was sent to the model (use --no-tissue-mask to force)")
     else:
         tiles = [(r, c) for r in range(grid.rows) for c in range(grid.cols)]
     info["tiles_computed"] = len(tiles)
@@ -55,53 +64,109 @@ def _batched(items: list, size: int) -> Iterable[list]:
         yield items[i : i + size]
 
 
-def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: ProgressFn | None = None) -> SlideDetections:
-    """All nuclei of a slide in level-0 pixel coordinates, with counts and timings."""
+def _read_tile(blocks, rc: tuple[int, int], strict: bool, path: Path) -> tuple[np.ndarray | None, dict | None]:
+    """One tile with its halo, or the reason it could not be decoded (a corrupt tile in a readable slide)."""
+    try:
+        return blocks.blocks[rc[0], rc[1]].compute(scheduler="synchronous"), None
+    except Exception as exc:
+        if strict:
+            raise ValueError(f"{path}: tile (row {rc[0]}, col {rc[1]}) cannot be decoded: {exc}") from exc
+        return None, {"row": rc[0], "col": rc[1], "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+
+
+def _nuclei_of_batch(predictor, grid: TileGrid, tiles: list[tuple[int, int]], images: list[np.ndarray], threshold: float) -> tuple[list, float, float]:
+    """Model + post-processing for one batch: per tile (row, col, y, x, confidence, area_px) in core."""
+    t0 = time.perf_counter()
+    conf = predictor(np.stack(images))
+    t1 = time.perf_counter()
+    found = [(r, c, *keep_core(find_nuclei(tile_conf, threshold), grid, r, c)) for (r, c), tile_conf in zip(tiles, conf)]
+    return found, t1 - t0, time.perf_counter() - t1
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_predictor(model_path: str) -> Predictor:
+    return Predictor(model_path)
+
+
+def _remote_batch(sampler: SlideSampler, grid: TileGrid, tiles: list[tuple[int, int]], cfg: RunConfig, model_path: str):
+    """What a dask worker does with one batch: read, predict, post-process; the model is loaded once per worker."""
+    blocks = halo_tiles(sampler, grid)
+    reads = [(rc, *_read_tile(blocks, rc, cfg.strict, Path(sampler.path))) for rc in tiles]
+    ok = [(rc, img) for rc, img, _ in reads if img is not None]
+    failures = [f for _, _, f in reads if f is not None]
+    if not ok:
+        return [], failures, 0.0, 0.0
+    found, t_pred, t_post = _nuclei_of_batch(_worker_predictor(model_path), grid, [rc for rc, _ in ok], [img for _, img in ok], cfg.threshold)
+    return found, failures, t_pred, t_post
+
+
+def _local_batches(slide: Slide, sampler: SlideSampler, grid: TileGrid, batches: list, cfg: RunConfig, predictor: Predictor):
+    """Reads run in a thread pool two batches ahead of the model, so decoding overlaps inference."""
+    blocks = halo_tiles(sampler, grid)
+    with ThreadPoolExecutor(max_workers=max(1, cfg.io_workers), thread_name_prefix="wsiproc-read") as pool:
+        submit = lambda batch: (batch, [pool.submit(_read_tile, blocks, rc, cfg.strict, slide.path) for rc in batch])  # noqa: E731
+        pending = deque(submit(b) for b in batches[:2])
+        upcoming = iter(batches[2:])
+        while pending:
+            batch, futures = pending.popleft()
+            nxt = next(upcoming, None)
+            if nxt is not None:
+                pending.append(submit(nxt))
+            reads = [(rc, *f.result()) for rc, f in zip(batch, futures)]
+            ok = [(rc, img) for rc, img, _ in reads if img is not None]
+            failures = [f for _, _, f in reads if f is not None]
+            if not ok:
+                yield len(batch), [], failures, 0.0, 0.0
+                continue
+            found, t_pred, t_post = _nuclei_of_batch(predictor, grid, [rc for rc, _ in ok], [img for _, img in ok], cfg.threshold)
+            yield len(batch), found, failures, t_pred, t_post
+
+
+def _distributed_batches(client, sampler: SlideSampler, grid: TileGrid, batches: list, cfg: RunConfig, predictor: Predictor):
+    """One dask task per batch on the cluster; results come back as they finish (order does not matter)."""
+    from distributed import as_completed
+
+    futures = {client.submit(_remote_batch, sampler, grid, batch, cfg, str(predictor.model_path), pure=False): len(batch) for batch in batches}
+    for future in as_completed(futures):
+        found, failures, t_pred, t_post = future.result()
+        yield futures[future], found, failures, t_pred, t_post
+
+
+def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: ProgressFn | None = None, client=None) -> SlideDetections:
+    """All nuclei of a slide in level-0 pixel coordinates, with counts and timings.
+
+    With a dask.distributed `client`, batches run on the cluster's workers (each loads the model once);
+    batches are the same either way, so the results are identical.
+    """
     t_start = time.perf_counter()
     sampler = SlideSampler.for_slide(slide, cfg.model_mpp)
     grid, tiles, stats = plan_tiles(sampler, cfg)
     stats["tile_mask_s"] = round(time.perf_counter() - t_start, 3)
-    blocks = halo_tiles(sampler, grid)
+    batches = list(_batched(tiles, cfg.batch_size))
+    source = (_distributed_batches(client, sampler, grid, batches, cfg, predictor) if client is not None
+              else _local_batches(slide, sampler, grid, batches, cfg, predictor))
 
-    def read(rc: tuple[int, int]) -> np.ndarray:
-        return blocks.blocks[rc[0], rc[1]].compute(scheduler="synchronous")
-
-    ys, xs, confs, areas, tile_ids = [], [], [], [], []
+    parts: list[tuple] = []
+    failed_tiles: list[dict] = []
     t_predict = t_post = 0.0
     done = n_found = 0
-    with ThreadPoolExecutor(max_workers=max(1, cfg.io_workers), thread_name_prefix="wsiproc-read") as pool:
-        pending: deque = deque()
-        batches = iter(list(_batched(tiles, cfg.batch_size)))
-        for _ in range(2):  # keep two batches of reads in flight ahead of the model
-            nxt = next(batches, None)
-            if nxt is not None:
-                pending.append((nxt, [pool.submit(read, rc) for rc in nxt]))
-        while pending:
-            batch_tiles, futures = pending.popleft()
-            nxt = next(batches, None)
-            if nxt is not None:
-                pending.append((nxt, [pool.submit(read, rc) for rc in nxt]))
-            images = np.stack([f.result() for f in futures])
-            t0 = time.perf_counter()
-            conf = predictor(images)
-            t1 = time.perf_counter()
-            for (r, c), tile_conf in zip(batch_tiles, conf):
-                y, x, p, a = keep_core(find_nuclei(tile_conf, cfg.threshold), grid, r, c)
-                ys.append(y), xs.append(x), confs.append(p), areas.append(a)
-                tile_ids.append(np.full(len(x), r * grid.cols + c, np.int64))
-                n_found += len(x)
-            t2 = time.perf_counter()
-            t_predict += t1 - t0
-            t_post += t2 - t1
-            done += len(batch_tiles)
-            if progress:
-                progress(done, len(tiles), n_found)
+    for n_tiles, found, failures, t_pred, t_pp in source:
+        parts.extend(found)
+        failed_tiles.extend(failures)
+        done += n_tiles
+        n_found += sum(len(f[3]) for f in found)
+        t_predict += t_pred
+        t_post += t_pp
+        if progress:
+            progress(done, len(tiles), n_found)
 
-    y = np.concatenate(ys) if ys else np.zeros(0)
-    x = np.concatenate(xs) if xs else np.zeros(0)
-    conf_all = np.concatenate(confs).astype(np.float32) if confs else np.zeros(0, np.float32)
-    area = np.concatenate(areas) if areas else np.zeros(0)
-    keep = merge_across_tiles(y, x, conf_all, np.concatenate(tile_ids) if tile_ids else np.zeros(0, np.int64), cfg.merge_radius_um / cfg.model_mpp)
+    parts.sort(key=lambda f: (f[0], f[1]))  # tile order: the same output whichever finished first
+    y = np.concatenate([f[2] for f in parts]) if parts else np.zeros(0)
+    x = np.concatenate([f[3] for f in parts]) if parts else np.zeros(0)
+    conf_all = np.concatenate([f[4] for f in parts]).astype(np.float32) if parts else np.zeros(0, np.float32)
+    area = np.concatenate([f[5] for f in parts]) if parts else np.zeros(0)
+    tile_ids = np.concatenate([np.full(len(f[3]), f[0] * grid.cols + f[1], np.int64) for f in parts]) if parts else np.zeros(0, np.int64)
+    keep = merge_across_tiles(y, x, conf_all, tile_ids, cfg.merge_radius_um / cfg.model_mpp)
     mpp0 = slide.require_mpp()
     det = Detections(
         map_coords(x[keep], cfg.model_mpp, mpp0),
@@ -109,12 +174,15 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
         conf_all[keep],
         (area[keep] * cfg.model_mpp**2).astype(np.float32),
     )
+    failed_tiles.sort(key=lambda f: (f["row"], f["col"]))
     stats.update(
         tile_px=cfg.tile_px, halo_px=cfg.halo_px, model_input_px=grid.block_px, grid_rows=grid.rows, grid_cols=grid.cols,
         merged_at_seams=int(len(x) - len(keep)), predict_s=round(t_predict, 3), postprocess_s=round(t_post, 3),
         detect_s=round(time.perf_counter() - t_start, 3),
-        megapixels_computed=round(len(tiles) * grid.tile_px**2 / 1e6, 3),
+        megapixels_computed=round(len(tiles) * grid.tile_px**2 / 1e6, 3), failed_tiles=failed_tiles,
     )
+    if failed_tiles:
+        stats["warnings"].append(f"{len(failed_tiles)} tile(s) could not be decoded and were skipped (see failed_tiles)")
     return SlideDetections(det, stats)
 
 
@@ -132,7 +200,7 @@ def slide_summary(slide: Slide) -> dict:
 
 
 def run_slide(path: str | Path, out_dir: str | Path, cfg: RunConfig, predictor: Predictor, stem: str | None = None,
-              progress: ProgressFn | None = None) -> dict:
+              progress: ProgressFn | None = None, extra_input: dict | None = None, client=None) -> dict:
     """Process one input and write its outputs; returns the run record (also written as `<stem>.json`)."""
     from .export import write_outputs
 
@@ -141,14 +209,15 @@ def run_slide(path: str | Path, out_dir: str | Path, cfg: RunConfig, predictor: 
     slide = open_slide(path, cfg.mpp)
     try:
         mpp0 = slide.require_mpp()
-        result = detect(slide, cfg, predictor, progress)
+        result = detect(slide, cfg, predictor, progress, client=client)
         record = {
             "wsiproc_version": __version__,
-            "input": slide_summary(slide),
+            "input": {**slide_summary(slide), **(extra_input or {})},
             "model": {"path": str(predictor.model_path), "sha256": predictor.sha256, "device": predictor.device},
             "parameters": cfg.to_dict(),
             "mpp_used": mpp0,
             "tiles": {k: v for k, v in result.stats.items() if k.startswith(("tiles_", "grid_", "tissue_"))},
+            "warnings": result.stats["warnings"],
             "timings_s": {k: v for k, v in result.stats.items() if k.endswith("_s")},
             "stats": result.stats,
         }
@@ -156,8 +225,10 @@ def run_slide(path: str | Path, out_dir: str | Path, cfg: RunConfig, predictor: 
         # Everything but writing the files themselves: the record is written last and cannot time itself.
         record["timings_s"]["total_before_write_s"] = round(time.perf_counter() - t0, 3)
         record["nuclei"] = len(result.detections)
+        # GeoJSON ids seeded by what determines the result: a rerun writes byte-identical files.
+        id_seed = int(hashlib.sha256(json.dumps([predictor.sha256, record["input"], cfg.to_dict()], sort_keys=True, default=str).encode()).hexdigest()[:16], 16)
         outputs = write_outputs(Path(out_dir), stem or path.stem, result.detections, mpp0, (h0, w0), record,
-                                cell_um=cfg.density_cell_um, geojson_gz=cfg.geojson_gz)
+                                cell_um=cfg.density_cell_um, geojson_gz=cfg.geojson_gz, id_seed=id_seed)
         record["outputs"] = {key: p.name for key, p in outputs.items()}
         return record
     finally:

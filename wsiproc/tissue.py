@@ -21,6 +21,12 @@ class TissueMask:
     mask: np.ndarray  # bool (h, w) on a grid of `mpp`
     mpp: float
     saturation_threshold: float
+    median_brightness: float  # median of max(R, G, B) over the slide, 0–255
+
+    @property
+    def looks_brightfield(self) -> bool:
+        """Brightfield slides are mostly bright (glass, pale stain); fluorescence is mostly dark."""
+        return self.median_brightness >= 100
 
     @property
     def fraction(self) -> float:
@@ -72,4 +78,4 @@ def tissue_mask(sampler: SlideSampler, mask_mpp: float = MASK_MPP, min_threshold
     mask = ndimage.binary_closing(mask, structure=np.ones((3, 3)), iterations=2)
     mask = ndimage.binary_fill_holes(mask)
     mask = ndimage.binary_dilation(mask, iterations=2)  # keep nuclei at tissue borders
-    return TissueMask(mask, mpp, threshold)
+    return TissueMask(mask, mpp, threshold, float(np.median(value)))

@@ -164,6 +164,7 @@ def train(
     cfg: TrainConfig = TrainConfig(),
     checkpoint_dir: str | Path | None = None,
     vgg16_weights: str | Path | None = None,
+    init_model: str | Path | None = None,
     verbose: int = 1,
     on_epoch: Callable[[int, dict], None] | None = None,
 ) -> dict:
@@ -171,6 +172,7 @@ def train(
 
     A checkpoint (`last.keras` with the optimiser state, plus `state.json`) is written after every epoch
     into `checkpoint_dir`; calling again with the same folder continues from the last finished epoch.
+    `init_model` starts from an existing model's weights (fine-tuning, or continuing a shipped model).
     """
     import keras
 
@@ -187,7 +189,10 @@ def train(
         state = json.loads(state_file.read_text())
         model = keras.models.load_model(last_ckpt, compile=True, safe_mode=True)
     else:
-        model = build_model(dropout=cfg.dropout, vgg16_weights=vgg16_weights, freeze_vgg=cfg.freeze_vgg)
+        if init_model is not None:
+            model = load_model(init_model)
+        else:
+            model = build_model(dropout=cfg.dropout, vgg16_weights=vgg16_weights, freeze_vgg=cfg.freeze_vgg)
         model.compile(
             optimizer=keras.optimizers.Adam(cfg.learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-8),
             loss="binary_crossentropy",

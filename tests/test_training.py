@@ -1,0 +1,105 @@
+"""Training from point annotations: the paper's targets and augmentation, real data, checkpoints, resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from wsiproc import datasets
+from wsiproc.cli import main
+from wsiproc.training import BlockSampler, TrainConfig, TrainingImage, augment_block, draw_targets, train
+
+
+def test_each_point_becomes_a_disk_of_radius_4_px() -> None:
+    mask = draw_targets((40, 40), np.array([[10.2, 12.0], [30.0, 30.0]]), radius_px=4)
+    assert mask.sum() == 2 * 49  # 49 pixel centres lie within 4 px of a pixel centre
+    assert mask[12, 10] and mask[12, 14] and not mask[12, 15]
+
+
+def test_augmentation_thirds_keep_shift_hue_and_add_noise() -> None:
+    rng = np.random.default_rng(0)
+    block = np.random.default_rng(1).uniform(0.2, 0.8, (16, 16, 3)).astype(np.float32)
+    cfg = TrainConfig()
+    assert np.array_equal(augment_block(block, 0, rng, cfg), block)
+    shifted = augment_block(block, 1, rng, cfg)
+    assert not np.allclose(shifted, block) and np.allclose(shifted.max(axis=2), block.max(axis=2), atol=1e-5)  # value kept
+    noisy = augment_block(block, 2, rng, cfg)
+    assert 0.005 < float(np.std(noisy - block)) < 0.02
+
+
+@pytest.fixture(scope="module")
+def two_images(shared_data: Path) -> list[TrainingImage]:
+    ims = datasets.monuseg(shared_data / "monuseg-train", "train")[:2]
+    return [TrainingImage.from_level0(a.name, a.read_rgb(), a.points_xy, a.mpp) for a in ims]
+
+
+def test_monuseg_images_are_resampled_to_half_a_micron(two_images: list[TrainingImage]) -> None:
+    assert all(im.rgb.shape == (500, 500, 3) for im in two_images)
+    assert all(len(im.points_xy) > 300 and im.points_xy.max() < 500 for im in two_images)
+
+
+def test_training_lowers_the_loss_and_resumes_from_its_checkpoint(tmp_path: Path, two_images) -> None:
+    import keras
+
+    cfg = TrainConfig(block_px=32, batch_size=8, epochs=1, steps_per_epoch=12, learning_rate=1e-3, seed=3)
+    probe_x, probe_y = BlockSampler(two_images, cfg).batch(epoch=99, index=0)
+    out = tmp_path / "m.keras"
+    state = train(two_images, out, cfg, checkpoint_dir=tmp_path / "ckpt", verbose=0)
+    assert state["epoch"] == 1 and (tmp_path / "ckpt" / "last.keras").is_file()
+    cfg2 = TrainConfig(**{**cfg.__dict__, "epochs": 3})
+    state = train(two_images, out, cfg2, checkpoint_dir=tmp_path / "ckpt", verbose=0)
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3]  # continued, not restarted
+    trained = keras.models.load_model(out, safe_mode=True)
+    loss_fn = keras.losses.BinaryCrossentropy()
+    loss_trained = float(loss_fn(probe_y, trained(probe_x, training=False)))
+    from wsiproc.model import build_model
+
+    keras.utils.set_random_seed(3)
+    loss_initial = float(loss_fn(probe_y, build_model()(probe_x, training=False)))
+    assert loss_trained < loss_initial * 0.8, (loss_initial, loss_trained)
+
+
+def test_train_command_reads_label_maps_and_writes_a_loadable_model(tmp_path: Path, shared_data: Path) -> None:
+    root = shared_data / "monuseg-train"
+    result = CliRunner().invoke(main, [
+        "train", "--images", str(root / "images" / "TCGA-18-5592-01Z-00-DX1.tif"), "--points", str(root / "labels"),
+        "--mpp", "0.25", "--out", str(tmp_path / "m.keras"), "--epochs", "1", "--steps-per-epoch", "2",
+        "--block-px", "32", "--batch-size", "4",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "training on 1 images" in result.output
+    state = json.loads((tmp_path / "m_checkpoints" / "state.json").read_text())
+    assert state["epoch"] == 1 and state["config"]["block_px"] == 32
+    from wsiproc.model import load_model
+
+    assert load_model(tmp_path / "m.keras").output_shape == (None, None, None, 1)
+
+
+def test_the_shipped_model_finds_nuclei_on_a_held_out_monuseg_image(shared_data: Path, predictor) -> None:
+    from wsiproc.config import RunConfig
+    from wsiproc.evaluate import score_image
+    from wsiproc.pipeline import detect
+    from wsiproc.slide import open_slide
+
+    image = next(a for a in datasets.monuseg(shared_data / "monuseg-train", "held_out") if a.name == "TCGA-A7-A13E-01Z-00-DX1")
+    found = detect(open_slide(image.path, mpp=image.mpp), RunConfig(tissue_mask=False), predictor).detections
+    score = score_image(found.xy, image.points_xy, radius_px=5.0 / image.mpp)
+    assert score.f1 >= 0.8, f"F1 {score.f1:.3f} (P {score.precision:.3f}, R {score.recall:.3f})"
+
+
+def test_evaluate_command_scores_result_csvs_against_annotations(tmp_path: Path, shared_data: Path) -> None:
+    from wsiproc.annotations import read_points
+
+    truth = read_points(shared_data / "crc-dev" / "points.csv", image="img1")["img1"]
+    kept = truth[: int(len(truth) * 0.9)] + 1.0  # 90 % found, each 1 px off
+    rows = ["x,y,x_um,y_um,confidence,area_um2"] + [f"{x},{y},0,0,0.9,20" for x, y in kept]
+    (tmp_path / "img1.csv").write_text("\n".join(rows) + "\n")
+    result = CliRunner().invoke(main, ["evaluate", "--pred", str(tmp_path), "--truth", str(shared_data / "crc-dev" / "points.csv"),
+                                       "--mpp", "0.55", "--out", str(tmp_path / "scores.csv")])
+    assert "img1" in result.output and (tmp_path / "scores.csv").is_file()
+    line = next(l for l in result.output.splitlines() if l.startswith("img1"))
+    assert f" {len(kept)} " in line and "1.000" in line  # precision 1.000
+    assert "0.900" in line or "0.899" in line  # recall
