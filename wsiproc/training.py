@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -126,11 +126,8 @@ class BlockSampler:
             x0 = int(np.clip(round(cx - s / 2), -s // 2, self.images[i].rgb.shape[1] - s // 2)) + s
             block = self.padded[i][y0 : y0 + s, x0 : x0 + s].astype(np.float32) / 255.0
             target = self.padded_masks[i][y0 : y0 + s, x0 : x0 + s]
-            if rng.random() < 0.5:  # flips and right-angle turns: free, label-preserving
-                block, target = block[:, ::-1], target[:, ::-1]
-            turns = int(rng.integers(4))
-            block, target = np.rot90(block, turns), np.rot90(target, turns)
-            x[k] = augment_block(np.ascontiguousarray(block), k % 3, rng, cfg)
+            block, target = flip_turn(block, target, rng)
+            x[k] = augment_block(block, k % 3, rng, cfg)
             y[k, ..., 0] = target
         return x, y
 
@@ -138,7 +135,23 @@ class BlockSampler:
         return max(1, math.ceil(len(self.point_index) / self.cfg.batch_size))
 
 
-def _make_dataset(sampler: BlockSampler, epoch_offset: int, steps: int):
+class BlockSource(Protocol):
+    """Anything that yields seeded training batches: annotated images here, mined blocks in `adapt`."""
+
+    def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def default_steps_per_epoch(self) -> int: ...
+
+
+def flip_turn(block: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random flip and right-angle turn: free, label-preserving variety."""
+    if rng.random() < 0.5:
+        block, target = block[:, ::-1], target[:, ::-1]
+    turns = int(rng.integers(4))
+    return np.ascontiguousarray(np.rot90(block, turns)), np.ascontiguousarray(np.rot90(target, turns))
+
+
+def _make_dataset(sampler: BlockSource, epoch_offset: int, steps: int):
     import keras
 
     class _Blocks(keras.utils.PyDataset):
@@ -159,7 +172,7 @@ def _make_dataset(sampler: BlockSampler, epoch_offset: int, steps: int):
 
 
 def train(
-    images: Sequence[TrainingImage],
+    images: "Sequence[TrainingImage] | BlockSource",
     out_path: str | Path,
     cfg: TrainConfig = TrainConfig(),
     checkpoint_dir: str | Path | None = None,
@@ -182,7 +195,7 @@ def train(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     state_file, last_ckpt = ckpt_dir / "state.json", ckpt_dir / "last.keras"
 
-    sampler = BlockSampler(images, cfg)
+    sampler = images if hasattr(images, "batch") else BlockSampler(images, cfg)
     steps = cfg.steps_per_epoch or sampler.default_steps_per_epoch()
     state = {"epoch": 0, "history": [], "seconds": 0.0, "config": asdict(cfg)}
     if state_file.is_file() and last_ckpt.is_file():
