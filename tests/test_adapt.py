@@ -19,8 +19,8 @@ def cohort(tmp_path_factory, shared_data: Path) -> list[Path]:
     folder = tmp_path_factory.mktemp("cohort")
     paths = []
     for name in ("img3", "img17", "img40"):
-        # 256 × 256 crops keep the test quick: one tile each at 0.5 µm/px.
-        crop = Image.open(shared_data / "crc-dev" / "images" / f"{name}.png").convert("RGB").crop((0, 0, 256, 256))
+        # 192 × 192 crops keep the test quick: one small tile each at 0.5 µm/px.
+        crop = Image.open(shared_data / "crc-dev" / "images" / f"{name}.png").convert("RGB").crop((0, 0, 192, 192))
         paths.append(folder / f"{name}.png")
         crop.save(paths[-1])
     return paths

@@ -22,9 +22,10 @@ from . import __version__
 from .config import RunConfig
 from .detections import Detections
 from .inference import Predictor
+from .model import SIZE_MULTIPLE_PX
 from .postprocess import find_nuclei
 from .resample import map_coords
-from .slide import Slide, open_slide
+from .slide import Slide, SlideError, open_slide
 from .stitch import keep_core, merge_across_tiles
 from .tiling import SlideSampler, TileGrid, halo_tiles
 from .tissue import tissue_mask
@@ -41,10 +42,20 @@ class SlideDetections:
 def plan_tiles(sampler: SlideSampler, cfg: RunConfig) -> tuple[TileGrid, list[tuple[int, int]], dict]:
     """The tile grid and the tiles worth computing (those touching tissue, unless the mask is off)."""
     h, w = sampler.shape_hw()
-    grid = TileGrid(h, w, cfg.tile_px, cfg.halo_px)
+    # An image smaller than one tile gets a tile of its own size: same output, far less padding to compute.
+    tile_px = min(cfg.tile_px, -(-max(h, w) // SIZE_MULTIPLE_PX) * SIZE_MULTIPLE_PX)
+    grid = TileGrid(h, w, tile_px, cfg.halo_px)
     info: dict = {"tiles_total": len(grid), "warnings": []}
+    mask = None
     if cfg.tissue_mask:
-        mask = tissue_mask(sampler)
+        try:
+            mask = tissue_mask(sampler)
+        except Exception as exc:  # a corrupt tile in the level the mask is read from (single-level files)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if cfg.strict:
+                raise SlideError(f"{sampler.path}: the overview for the tissue mask cannot be decoded: {reason}") from exc
+            info["warnings"].append(f"no tissue mask (the overview cannot be decoded: {reason}): every tile was sent to the model")
+    if mask is not None:
         tiles = mask.tiles_touching(grid, cfg.model_mpp)
         info.update(tissue_fraction=round(mask.fraction, 4), tissue_saturation_threshold=round(mask.saturation_threshold, 4),
                     median_brightness=round(mask.median_brightness, 1))
@@ -175,8 +186,10 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
         (area[keep] * cfg.model_mpp**2).astype(np.float32),
     )
     failed_tiles.sort(key=lambda f: (f["row"], f["col"]))
+    if tiles and len(failed_tiles) == len(tiles):  # an empty result would look like a slide without nuclei
+        raise SlideError(f"{slide.path}: none of the {len(tiles)} tiles could be decoded (first: {failed_tiles[0]['error']})")
     stats.update(
-        tile_px=cfg.tile_px, halo_px=cfg.halo_px, model_input_px=grid.block_px, grid_rows=grid.rows, grid_cols=grid.cols,
+        tile_px=grid.tile_px, halo_px=cfg.halo_px, model_input_px=grid.block_px, grid_rows=grid.rows, grid_cols=grid.cols,
         merged_at_seams=int(len(x) - len(keep)), predict_s=round(t_predict, 3), postprocess_s=round(t_post, 3),
         detect_s=round(time.perf_counter() - t_start, 3),
         megapixels_computed=round(len(tiles) * grid.tile_px**2 / 1e6, 3), failed_tiles=failed_tiles,
