@@ -34,7 +34,7 @@ def main() -> None:
     predictor = Predictor(args.model)
     slide = open_slide(args.slide)
     sampler = SlideSampler.for_slide(slide, cfg.model_mpp)
-    grid, tiles, _ = plan_tiles(sampler, cfg)
+    grid, tiles, _, _ = plan_tiles(sampler, cfg)
     blocks = halo_tiles(sampler, grid)
     batch = np.stack([blocks.blocks[r, c].compute() for r, c in tiles[: args.batch_size]])
     predictor(batch)  # trace and warm up

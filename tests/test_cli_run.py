@@ -35,7 +35,7 @@ def test_every_input_gets_all_outputs(batch, name: str) -> None:
     out, result = batch
     assert result.exit_code == 0, result.output
     stem = _stem(name)
-    for suffix in (".csv", ".geojson", "_density.tiff", "_density.png", ".json"):
+    for suffix in (".csv", ".geojson", "_density.tiff", "_density.png", "_qc.png", ".json"):
         assert (out / f"{stem}{suffix}").is_file(), f"{stem}{suffix} missing"
     assert not list(out.glob(".*partial*")), "temporary files left behind"
 

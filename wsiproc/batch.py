@@ -71,9 +71,10 @@ def run_batch(inputs: list[Path], out_dir: Path, cfg: RunConfig, predictor: Pred
             continue
         t0 = time.perf_counter()
         try:
+            # A missing file has no fingerprint: open_slide then names the problem ("file not found").
             record = run_slide(path, out_dir, cfg, predictor, stem=stem,
                                progress=progress_for(path) if progress_for else None,
-                               extra_input={"fingerprint": input_fingerprint(path)}, client=client)
+                               extra_input={"fingerprint": input_fingerprint(path)} if path.exists() else None, client=client)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # one bad input must not stop the batch

@@ -174,8 +174,6 @@ def info(slide_path: Path, mpp: float | None, as_json: bool) -> None:
         click.echo(f"{slide_path}: no pixel size stored; pass --mpp to run it", err=True)
 
 
-if __name__ == "__main__":
-    main()
 
 
 def _expand(spec: str, suffixes: set[str] | None = None) -> list[Path]:
@@ -330,3 +328,35 @@ def adapt(inputs: tuple[Path, ...], out_path: Path, model_path: Path | None, mpp
         sys.exit(1)
     click.echo(f"saved {out_path} (fine-tuned on {provenance['blocks']} blocks from {len(provenance['cohort'])} slides); "
                f"provenance in {out_path.with_suffix('.json')}")
+
+
+@main.command()
+@click.argument("slide_path", metavar="SLIDE_OR_IMAGE", type=click.Path(path_type=Path))
+@click.option("--n", "n_nuclei", type=click.IntRange(min=1), default=16, show_default=True, help="How many detected nuclei to explain (drawn at random).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder for <stem>_explain.png.")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), help="A .keras model (default: the shipped one).")
+@click.option("--mpp", type=float, help="Pixel size in µm/px, overriding the file's (needed for plain images).")
+@click.option("--rule", type=click.Choice(["epsilon", "alphabeta"]), default="epsilon", show_default=True,
+              help="LRP rule for the convolutions: epsilon (LRP-ε) or alphabeta (α=2, β=1).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the region and the nuclei drawn.")
+@click.option("--region-px", type=click.IntRange(min=0), default=512, show_default=True,
+              help="Detect only in one random tissue region of this side at 0.5 µm/px (fast); 0: the whole slide.")
+def explain(slide_path: Path, n_nuclei: int, out_dir: Path, model_path: Path | None, mpp: float | None, rule: str, seed: int,
+            region_px: int) -> None:
+    """Why the network sees a nucleus: LRP heat maps of random detections, as <stem>_explain.png in --out."""
+    from .explain import explain_slide
+
+    try:
+        path = explain_slide(slide_path, out_dir, model_path=model_path, n=n_nuclei, rule=rule, seed=seed, mpp=mpp,
+                             region_px=region_px or None)
+    except (ValueError, OSError) as exc:  # SlideError is a ValueError; messages mostly start with the file name
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not message.startswith((str(slide_path), str(model_path) if model_path else str(slide_path))):
+            message = f"{slide_path}: {message}"
+        click.echo(message, err=True)
+        sys.exit(1)
+    click.echo(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()

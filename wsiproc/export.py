@@ -18,7 +18,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import geojson
 import numpy as np
@@ -335,8 +335,11 @@ def write_outputs(
     cell_um: float = 50.0,
     geojson_gz: bool = False,
     id_seed: int | None = None,
+    qc: Callable[[Path, np.ndarray], object] | None = None,
 ) -> dict[str, Path]:
     """Write every result file of one slide; `<stem>.json` last, as the marker of a complete result.
+
+    `qc(path, density)` draws the QC picture `<stem>_qc.png` (it needs the slide, which this module does not).
 
     A record left by an earlier run is removed first: otherwise a rerun interrupted half way would leave
     the old marker next to a mix of old and new files. `record` is not modified; the written copy gains
@@ -358,6 +361,9 @@ def write_outputs(
     density = density_map(det, level0_shape_hw, mpp, cell_um)
     write_density_tiff(paths["density_tiff"], density, cell_um, mpp)
     write_density_png(paths["density_png"], density)
+    if qc is not None:
+        paths = {**{k: v for k, v in paths.items() if k != "record"}, "qc_png": out / f"{stem}_qc.png", "record": paths["record"]}
+        qc(paths["qc_png"], density)
 
     full = dict(record)
     full["outputs"] = {key: p.name for key, p in paths.items()}

@@ -28,7 +28,7 @@ from .resample import map_coords
 from .slide import Slide, SlideError, open_slide
 from .stitch import keep_core, merge_across_tiles
 from .tiling import SlideSampler, TileGrid, halo_tiles
-from .tissue import tissue_mask
+from .tissue import TissueMask, tissue_mask
 
 ProgressFn = Callable[[int, int, int], None]  # (tiles done, tiles to do, nuclei so far)
 
@@ -37,10 +37,13 @@ ProgressFn = Callable[[int, int, int], None]  # (tiles done, tiles to do, nuclei
 class SlideDetections:
     detections: Detections
     stats: dict = field(default_factory=dict)
+    tissue: TissueMask | None = None
+    sampler: SlideSampler | None = None
 
 
-def plan_tiles(sampler: SlideSampler, cfg: RunConfig) -> tuple[TileGrid, list[tuple[int, int]], dict]:
-    """The tile grid and the tiles worth computing (those touching tissue, unless the mask is off)."""
+def plan_tiles(sampler: SlideSampler, cfg: RunConfig) -> tuple[TileGrid, list[tuple[int, int]], dict, TissueMask | None]:
+    """The tile grid, the tiles worth computing (those touching tissue, unless the mask is off), counts and
+    warnings, and the tissue mask itself (None when off or unreadable)."""
     h, w = sampler.shape_hw()
     # An image smaller than one tile gets a tile of its own size: same output, far less padding to compute.
     tile_px = min(cfg.tile_px, -(-max(h, w) // SIZE_MULTIPLE_PX) * SIZE_MULTIPLE_PX)
@@ -67,7 +70,7 @@ def plan_tiles(sampler: SlideSampler, cfg: RunConfig) -> tuple[TileGrid, list[tu
     else:
         tiles = [(r, c) for r in range(grid.rows) for c in range(grid.cols)]
     info["tiles_computed"] = len(tiles)
-    return grid, tiles, info
+    return grid, tiles, info, mask
 
 
 def _batched(items: list, size: int) -> Iterable[list]:
@@ -151,7 +154,7 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
     """
     t_start = time.perf_counter()
     sampler = SlideSampler.for_slide(slide, cfg.model_mpp)
-    grid, tiles, stats = plan_tiles(sampler, cfg)
+    grid, tiles, stats, mask = plan_tiles(sampler, cfg)
     stats["tile_mask_s"] = round(time.perf_counter() - t_start, 3)
     batches = list(_batched(tiles, cfg.batch_size))
     source = (_distributed_batches(client, sampler, grid, batches, cfg, predictor) if client is not None
@@ -187,7 +190,7 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
     )
     failed_tiles.sort(key=lambda f: (f["row"], f["col"]))
     if tiles and len(failed_tiles) == len(tiles):  # an empty result would look like a slide without nuclei
-        raise SlideError(f"{slide.path}: none of the {len(tiles)} tiles could be decoded (first: {failed_tiles[0]['error']})")
+        raise SlideError(f"{slide.path}: no tile could be decoded ({len(tiles)} tried; first error: {failed_tiles[0]['error']})")
     stats.update(
         tile_px=grid.tile_px, halo_px=cfg.halo_px, model_input_px=grid.block_px, grid_rows=grid.rows, grid_cols=grid.cols,
         merged_at_seams=int(len(x) - len(keep)), predict_s=round(t_predict, 3), postprocess_s=round(t_post, 3),
@@ -196,7 +199,7 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
     )
     if failed_tiles:
         stats["warnings"].append(f"{len(failed_tiles)} tile(s) could not be decoded and were skipped (see failed_tiles)")
-    return SlideDetections(det, stats)
+    return SlideDetections(det, stats, mask, sampler)
 
 
 def slide_summary(slide: Slide) -> dict:
@@ -240,8 +243,13 @@ def run_slide(path: str | Path, out_dir: str | Path, cfg: RunConfig, predictor: 
         record["nuclei"] = len(result.detections)
         # GeoJSON ids seeded by what determines the result: a rerun writes byte-identical files.
         id_seed = int(hashlib.sha256(json.dumps([predictor.sha256, record["input"], cfg.to_dict()], sort_keys=True, default=str).encode()).hexdigest()[:16], 16)
+        def qc_picture(qc_path: Path, density: np.ndarray) -> None:
+            from .qc import write_qc_png
+
+            write_qc_png(qc_path, result.sampler, result.tissue, result.detections, density, mpp0, cfg.density_cell_um)
+
         outputs = write_outputs(Path(out_dir), stem or path.stem, result.detections, mpp0, (h0, w0), record,
-                                cell_um=cfg.density_cell_um, geojson_gz=cfg.geojson_gz, id_seed=id_seed)
+                                cell_um=cfg.density_cell_um, geojson_gz=cfg.geojson_gz, id_seed=id_seed, qc=qc_picture)
         record["outputs"] = {key: p.name for key, p in outputs.items()}
         return record
     finally:

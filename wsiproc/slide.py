@@ -47,6 +47,8 @@ class Slide:
 
     def require_mpp(self) -> float:
         if self.mpp is None:
+            if self.mpp_source.startswith("ignored"):
+                raise SlideError(f"{self.path}: no usable pixel size stored in the file ({self.mpp_source}); give it with --mpp")
             raise SlideError(f"{self.path}: no pixel size (µm/px) stored in the file; give it with --mpp")
         return self.mpp
 
@@ -78,13 +80,34 @@ class Slide:
             with self._lock:  # tifffile handles are not safe for concurrent reads
                 region = self._handle.read_region(location, level, (width, height), as_array=True)  # type: ignore[attr-defined]
         else:
-            region = np.asarray(self._handle.read_region(location, level, (width, height)))  # type: ignore[attr-defined]
+            region = np.asarray(self._read_openslide(location, level, (width, height)))
         rgb = _to_rgb(region)
         if self.ycbcr_labelled_rgb:
             from PIL import Image
 
             rgb = np.asarray(Image.fromarray(rgb, mode="YCbCr").convert("RGB"))
         return rgb
+
+    def _read_openslide(self, location: tuple[int, int], level: int, size: tuple[int, int]):
+        """OpenSlide's read_region, retried once on a freshly opened handle after an error.
+
+        OpenSlide errors are sticky: after one failed read (a corrupt tile) every later read through that
+        handle fails too, which would turn one bad tile into a failed rest of the slide. The retry uses a
+        handle of its own, so a failure there is this region's own (it is raised); a success replaces the
+        broken shared handle for every later read.
+        """
+        import openslide
+
+        handle = self._handle
+        try:
+            return handle.read_region(location, level, size)  # type: ignore[attr-defined]
+        except openslide.OpenSlideError:
+            fresh = openslide.OpenSlide(str(self.path))
+            region = fresh.read_region(location, level, size)
+            with self._lock:
+                if self._handle is handle:  # not already replaced by another reading thread
+                    self._handle = fresh
+            return region
 
     def close(self) -> None:
         if hasattr(self._handle, "close"):
@@ -105,6 +128,21 @@ def _to_rgb(region: np.ndarray) -> np.ndarray:
     if region.shape[2] == 1:
         return np.repeat(region, 3, axis=2)
     return region[..., :3]
+
+
+#: Stored pixel sizes a microscope scanner can produce. Image tools write a default resolution of 72 dpi,
+#: which reads as 352.8 µm/px and would have a run upsample a 300-px image to 200,000 px at 0.5 µm/px.
+PLAUSIBLE_STORED_MPP = (0.01, 20.0)
+
+
+def _stored_mpp(props: dict[str, str], *keys: str) -> tuple[float | None, str]:
+    """(µm/px, source) from metadata; a value no scanner produces is ignored, saying so."""
+    mpp = _float_prop(props, *keys)
+    if mpp is None:
+        return None, "none"
+    if not PLAUSIBLE_STORED_MPP[0] <= mpp <= PLAUSIBLE_STORED_MPP[1]:
+        return None, f"ignored: {mpp:.4g} µm/px stored, a print resolution rather than a microscope's pixel size"
+    return mpp, "metadata"
 
 
 def _float_prop(props: dict[str, str], *keys: str) -> float | None:
@@ -159,10 +197,10 @@ def _open_openslide(path: Path) -> Slide | None:
         return None
     handle = openslide.OpenSlide(str(path))
     props = dict(handle.properties)
-    mpp = _float_prop(props, openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y)
+    mpp, mpp_source = _stored_mpp(props, openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y)
     return Slide(
         path, "openslide", [tuple(d) for d in handle.level_dimensions], [float(d) for d in handle.level_downsamples],
-        mpp, "metadata" if mpp else "none", props.get(openslide.PROPERTY_NAME_VENDOR, "unknown"), props, handle,
+        mpp, mpp_source, props.get(openslide.PROPERTY_NAME_VENDOR, "unknown"), props, handle,
         ycbcr_labelled_rgb=_dicom_jfif_labelled_rgb(path, props),
     )
 
@@ -187,10 +225,10 @@ def _open_tiffslide(path: Path) -> Slide | None:
         return None
     handle = tiffslide.TiffSlide(str(path))
     props = {k: str(v) for k, v in handle.properties.items()}
-    mpp = _float_prop(props, "tiffslide.mpp-x", "tiffslide.mpp-y")
+    mpp, mpp_source = _stored_mpp(props, "tiffslide.mpp-x", "tiffslide.mpp-y")
     return Slide(
         path, "tiffslide", [tuple(d) for d in handle.level_dimensions], [float(d) for d in handle.level_downsamples],
-        mpp, "metadata" if mpp else "none", props.get("tiffslide.vendor") or "generic-tiff", props, handle,
+        mpp, mpp_source, props.get("tiffslide.vendor") or "generic-tiff", props, handle,
     )
 
 
