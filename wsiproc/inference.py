@@ -18,6 +18,7 @@ class Predictor:
         self.model = load_model(self.model_path)
         self.sha256 = file_sha256(self.model_path)
         self.device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+        self.max_batch: int | None = None  # lowered after an out-of-memory error
         model = self.model
 
         @tf.function(reduce_retracing=True)
@@ -27,7 +28,27 @@ class Predictor:
         self._forward = forward
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
-        """(B, H, W, 3) uint8 → (B, H, W) float32 confidence in [0, 1]."""
+        """(B, H, W, 3) uint8 → (B, H, W) float32 confidence in [0, 1].
+
+        On a GPU out-of-memory error the batch is split in halves (and stays smaller for the rest of the
+        run) instead of failing the slide.
+        """
+        import tensorflow as tf
+
         if tiles.ndim != 4 or tiles.shape[-1] != 3:
             raise ValueError(f"expected (batch, height, width, 3) tiles, got shape {tiles.shape}")
-        return np.asarray(self._forward(tiles), dtype=np.float32)
+        step = min(len(tiles), self.max_batch or len(tiles))
+        out = []
+        start = 0
+        while start < len(tiles):
+            chunk = tiles[start : start + step]
+            try:
+                out.append(np.asarray(self._forward(chunk), dtype=np.float32))
+            except tf.errors.ResourceExhaustedError:
+                if step == 1:
+                    raise
+                step = max(1, step // 2)
+                self.max_batch = step
+                continue
+            start += len(chunk)
+        return np.concatenate(out) if len(out) > 1 else out[0]

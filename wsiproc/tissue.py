@@ -14,6 +14,8 @@ from .tiling import SlideSampler, TileGrid
 
 #: Pixel size of the mask: coarse enough to be cheap on any slide, fine enough for 256 µm tiles.
 MASK_MPP = 8.0
+#: Source pixels decoded at once for the mask: bounds memory on slides without a pyramid.
+READ_BUDGET_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,12 @@ def tissue_mask(sampler: SlideSampler, mask_mpp: float = MASK_MPP, min_threshold
     mpp = min(mask_mpp, max(sampler.mpp, sampler.mpp * max(h_t, w_t) / 256))
     low = SlideSampler(sampler.path, sampler.mpp_override, mpp)
     h, w = low.shape_hw()
-    rgb = low.read(0, 0, h, w)
+    # Read in strips: a slide without a pyramid would otherwise be decoded whole at level 0.
+    slide = low.slide
+    level_mpp = slide.require_mpp() * slide.level_downsamples[slide.best_level_for_mpp(mpp)]
+    f = mpp / level_mpp
+    strip_h = max(1, int(READ_BUDGET_BYTES / (3 * f * f * w)))
+    rgb = np.concatenate([low.read(y, 0, min(strip_h, h - y), w) for y in range(0, h, strip_h)], axis=0)
     sat = saturation(rgb)
     value = rgb.max(axis=2)
     from skimage.filters import threshold_otsu
