@@ -94,7 +94,7 @@ def main() -> None:
             cmd = [sys.executable, "-m", "wsiproc.cli", "run", str(slide), "--out", str(tmp / "out"), "--quiet", "--no-resume",
                    "--tile-px", str(args.tile_px), *model]
             peak, dt, rc = peak_rss(cmd)
-            print(f"{size}×{size} px at 0.25 µm/px ({size * 0.25 / 1e4:.1f}×{size * 0.25 / 1e4:.1f} mm, "
+            print(f"{size}×{size} px at 0.25 µm/px ({size * 0.25 / 1e3:.1f}×{size * 0.25 / 1e3:.1f} mm, "
                   f"{slide.stat().st_size / 2**20:.0f} MiB file, made in {made:.0f} s): peak RSS {peak:.2f} GiB, "
                   f"{dt:.0f} s, exit {rc}", flush=True)
             slide.unlink()
