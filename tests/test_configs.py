@@ -52,3 +52,13 @@ def test_command_line_options_override_the_config_file(tmp_path: Path, monkeypat
     config.write_text("tile_px: 256\nthreshold: 0.7\n")
     CliRunner().invoke(main, ["run", "--sample", "--out", str(tmp_path), "--config", str(config), "--threshold", "0.6"])
     assert seen["cfg"].tile_px == 256 and seen["cfg"].threshold == 0.6
+
+
+def test_adapt_yaml_holds_every_adapt_parameter_with_the_papers_values() -> None:
+    from wsiproc.adapt import AdaptConfig
+
+    values = load_config_file(CONFIGS / "adapt.yaml", AdaptConfig)
+    cfg = AdaptConfig(**values).validate()
+    assert cfg == AdaptConfig() and (cfg.high, cfg.low, cfg.block_px) == (0.8, 0.5, 64)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        load_config_file(CONFIGS / "default.yaml", AdaptConfig)

@@ -301,18 +301,30 @@ def evaluate(pred_spec: str, truth_spec: str, mpp: float, radius_um: float, mask
 @click.option("--work", "work_dir", type=click.Path(file_okay=False, path_type=Path), help="Block store and checkpoints (default: <out>_work); rerun to resume.")
 @click.option("--no-tissue-mask", is_flag=True, help="Mine every tile, background included.")
 @click.option("--scheduler", help="dask.distributed: 'local' or an existing scheduler's address (slides are mined in parallel).")
-def adapt(inputs: tuple[Path, ...], out_path: Path, model_path: Path | None, mpp: float | None, high: float, low: float,
-          max_blocks: int, per_slide_cap: int | None, epochs: int, steps_per_epoch: int | None, lr: float, seed: int,
-          work_dir: Path | None, no_tissue_mask: bool, scheduler: str | None) -> None:
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="YAML file of adapt parameters (see configs/adapt.yaml); options given on the command line win.")
+@click.pass_context
+def adapt(ctx: click.Context, inputs: tuple[Path, ...], out_path: Path, model_path: Path | None, mpp: float | None, high: float,
+          low: float, max_blocks: int, per_slide_cap: int | None, epochs: int, steps_per_epoch: int | None, lr: float, seed: int,
+          work_dir: Path | None, no_tissue_mask: bool, scheduler: str | None, config_file: Path | None) -> None:
     """Adapt a model to a new cohort without annotations: mine confident nuclei, fine-tune on them."""
+    from click.core import ParameterSource
+
     from .adapt import AdaptConfig
     from .adapt import adapt as run_adapt
     from .cluster import dask_client
+    from .config import load_config_file
     from .inference import Predictor
 
-    cfg = AdaptConfig(high=high, low=low, max_blocks=max_blocks, per_slide_cap=per_slide_cap, epochs=epochs,
-                      steps_per_epoch=steps_per_epoch, learning_rate=lr, seed=seed)
+    options = {"high": ("high", high), "low": ("low", low), "max_blocks": ("max_blocks", max_blocks),
+               "per_slide_cap": ("per_slide_cap", per_slide_cap), "epochs": ("epochs", epochs),
+               "steps_per_epoch": ("steps_per_epoch", steps_per_epoch), "learning_rate": ("lr", lr), "seed": ("seed", seed)}
     try:
+        values = load_config_file(config_file, AdaptConfig) if config_file else {}
+        for field_name, (param, value) in options.items():
+            if field_name not in values or ctx.get_parameter_source(param) == ParameterSource.COMMANDLINE:
+                values[field_name] = value
+        cfg = AdaptConfig(**values)
         cfg.validate()
         run_cfg = RunConfig(model_path=str(model_path) if model_path else None, mpp=mpp, tissue_mask=not no_tissue_mask).validate()
         predictor = Predictor(run_cfg.model_path)

@@ -51,8 +51,8 @@ class RunConfig:
         return {f.name for f in fields(cls)}
 
 
-def load_config_file(path: str | Path) -> dict:
-    """Values of a YAML run config, checked against RunConfig's fields (yaml.safe_load: no code from files)."""
+def load_config_file(path: str | Path, schema: type = RunConfig) -> dict:
+    """Values of a YAML config, checked against the fields of `schema` (yaml.safe_load: no code from files)."""
     import yaml
 
     path = Path(path)
@@ -62,7 +62,8 @@ def load_config_file(path: str | Path) -> dict:
         raise ValueError(f"{path}: cannot read config ({str(exc).splitlines()[0]})") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must be a mapping of parameter: value")
-    unknown = sorted(set(data) - RunConfig.field_names())
+    known = {f.name for f in fields(schema)}
+    unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(RunConfig.field_names()))}")
+        raise ValueError(f"{path}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return data
