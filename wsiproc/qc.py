@@ -95,6 +95,25 @@ def qc_crop(density: np.ndarray, cell_um: float, slide_size_um: tuple[float, flo
     return QCCrop(x0, y0, x0 + cw, y0 + ch, cell)
 
 
+def _read_or_gray(sampler: SlideSampler, y0: int, x0: int, height: int, width: int, block_px: int = 128) -> np.ndarray:
+    """`sampler.read`, except that parts which cannot be decoded come out mid-gray.
+
+    A corrupt tile is skipped and reported by the detection; the picture must not fail the slide over it.
+    """
+    try:
+        return sampler.read(y0, x0, height, width)
+    except Exception:
+        rgb = np.full((height, width, 3), 128, np.uint8)
+        for y in range(0, height, block_px):
+            for x in range(0, width, block_px):
+                h, w = min(block_px, height - y), min(block_px, width - x)
+                try:
+                    rgb[y : y + h, x : x + w] = sampler.read(y0 + y, x0 + x, h, w)
+                except Exception:
+                    pass  # stays gray
+        return rgb
+
+
 def write_qc_png(
     path: str | os.PathLike[str],
     sampler: SlideSampler,
@@ -122,7 +141,7 @@ def write_qc_png(
     thumb_mpp = max(level0_mpp, level0_mpp * max(w0, h0) / THUMB_MAX_SIDE_PX)
     thumb_sampler = SlideSampler(sampler.path, sampler.mpp_override, thumb_mpp)
     th, tw = thumb_sampler.shape_hw()
-    thumb = thumb_sampler.read(0, 0, th, tw)
+    thumb = _read_or_gray(thumb_sampler, 0, 0, th, tw)
     slide_extent = (0.0, tw * thumb_mpp, th * thumb_mpp, 0.0)  # (left, right, bottom, top) in µm
 
     d = np.asarray(density, dtype=np.float32)
@@ -131,7 +150,7 @@ def write_qc_png(
     crop_sampler = SlideSampler(sampler.path, sampler.mpp_override, crop_mpp)
     cy0, cx0 = int(math.floor(crop.y0_um / crop_mpp)), int(math.floor(crop.x0_um / crop_mpp))
     ch, cw = max(1, int(round(crop.height_um / crop_mpp))), max(1, int(round(crop.width_um / crop_mpp)))
-    crop_rgb = crop_sampler.read(cy0, cx0, ch, cw)
+    crop_rgb = _read_or_gray(crop_sampler, cy0, cx0, ch, cw)
     crop_extent = (cx0 * crop_mpp, (cx0 + cw) * crop_mpp, (cy0 + ch) * crop_mpp, cy0 * crop_mpp)
 
     # Size: three panels side by side, `max_side_px` wide, the zoom a little wider than the others (it is
