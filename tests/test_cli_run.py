@@ -51,7 +51,7 @@ def test_outputs_agree_with_each_other_and_the_slide(batch, name: str) -> None:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["x", "y", "x_um", "y_um", "confidence", "area_um2"]
     n = record["nuclei"]
-    assert len(rows) == n > 10
+    assert len(rows) == n >= 3  # A9K0_3 is a 97 × 36 µm sliver with few nuclei
     x = np.array([float(r["x"]) for r in rows])
     y = np.array([float(r["y"]) for r in rows])
     assert x.min() >= -0.5 and x.max() < width and y.min() >= -0.5 and y.max() < height
