@@ -84,7 +84,7 @@ def test_the_shipped_model_finds_nuclei_on_a_held_out_monuseg_image(shared_data:
     from wsiproc.pipeline import detect
     from wsiproc.slide import open_slide
 
-    image = next(a for a in datasets.monuseg(shared_data / "monuseg-train", "held_out") if a.name == "TCGA-A7-A13E-01Z-00-DX1")
+    image = next(a for a in datasets.monuseg(shared_data / "monuseg-train", "held_out") if a.name == "TCGA-B0-5710-01Z-00-DX1")
     found = detect(open_slide(image.path, mpp=image.mpp), RunConfig(tissue_mask=False), predictor).detections
     score = score_image(found.xy, image.points_xy, radius_px=5.0 / image.mpp)
     assert score.f1 >= 0.8, f"F1 {score.f1:.3f} (P {score.precision:.3f}, R {score.recall:.3f})"
@@ -102,4 +102,4 @@ def test_evaluate_command_scores_result_csvs_against_annotations(tmp_path: Path,
     assert "img1" in result.output and (tmp_path / "scores.csv").is_file()
     line = next(l for l in result.output.splitlines() if l.startswith("img1"))
     assert f" {len(kept)} " in line and "1.000" in line  # precision 1.000
-    assert "0.900" in line or "0.899" in line  # recall
+    assert f"{len(kept) / len(truth):.3f}" in line  # recall
