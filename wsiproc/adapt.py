@@ -18,9 +18,10 @@ from typing import Callable
 import numpy as np
 
 from .config import RunConfig
+from .errors import one_line
 from .inference import Predictor
 from .model import file_sha256
-from .pipeline import _batched, _read_tile, plan_tiles
+from .pipeline import batched, plan_tiles, read_tile, worker_predictor
 from .postprocess import find_nuclei
 from .slide import open_slide
 from .tiling import SlideSampler, halo_tiles
@@ -77,8 +78,8 @@ def mine_slide(path: Path, run_cfg: RunConfig, predictor: Predictor, cfg: AdaptC
         masks = np.zeros((cap, b, b), bool)
         positions = np.zeros((cap, 2))
         seen = 0
-        for batch in _batched(tiles, run_cfg.batch_size):
-            reads = [(rc, _read_tile(blocks, rc, run_cfg.strict, slide.path)[0]) for rc in batch]
+        for batch in batched(tiles, run_cfg.batch_size):
+            reads = [(rc, read_tile(blocks, rc, run_cfg.strict, slide.path)[0]) for rc in batch]
             reads = [(rc, img) for rc, img in reads if img is not None]
             if not reads:
                 continue
@@ -230,16 +231,14 @@ def adapt(inputs: list[Path], out_path: Path, work_dir: Path, run_cfg: RunConfig
             try:
                 mined = mine_slide(path, run_cfg, predictor, cfg, cap, seed=cfg.seed * 100003 + i)
             except Exception as exc:  # one bad slide must not stop the cohort
-                echo(f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+                echo(one_line(exc, path))
                 continue
             record(path, sha, mined)
     else:
         from distributed import as_completed
 
-        from .pipeline import _worker_predictor
-
         def remote(path, i):
-            return mine_slide(path, run_cfg, _worker_predictor(str(predictor.model_path)), cfg, cap, seed=cfg.seed * 100003 + i)
+            return mine_slide(path, run_cfg, worker_predictor(str(predictor.model_path)), cfg, cap, seed=cfg.seed * 100003 + i)
 
         futures = {client.submit(remote, path, i, pure=False): (path, sha) for i, path, sha in todo}
         for future in as_completed(futures):
@@ -247,7 +246,7 @@ def adapt(inputs: list[Path], out_path: Path, work_dir: Path, run_cfg: RunConfig
             try:
                 mined = future.result()
             except Exception as exc:
-                echo(f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+                echo(one_line(exc, path))
                 continue
             record(path, sha, mined)
     mining_s = time.perf_counter() - t0

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import RunConfig
+from .errors import problem
 from .inference import Predictor
 from .pipeline import ProgressFn, run_slide
 
@@ -78,7 +79,7 @@ def run_batch(inputs: list[Path], out_dir: Path, cfg: RunConfig, predictor: Pred
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # one bad input must not stop the batch
-            message = one_line(exc, path)
+            message = problem(exc, path)
             outcomes.append(Outcome(path, "failed", message, seconds=time.perf_counter() - t0))
             echo(f"{path}: {message}")
             continue
@@ -87,15 +88,6 @@ def run_batch(inputs: list[Path], out_dir: Path, cfg: RunConfig, predictor: Pred
         for warning in outcome.warnings:
             echo(f"{path}: warning: {warning}")
     return outcomes
-
-
-def one_line(exc: BaseException, path: Path) -> str:
-    """The error without the file name (the caller prefixes it) and without a traceback."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    for prefix in (f"{path}: ", f"{path.resolve()}: "):
-        if text.startswith(prefix):
-            return text[len(prefix):]
-    return text
 
 
 def summary_table(outcomes: list[Outcome]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .errors import problem
 from .model import MODEL_MPP, RECEPTIVE_RADIUS_PX, SIZE_MULTIPLE_PX
 
 
@@ -59,7 +60,7 @@ def load_config_file(path: str | Path, schema: type = RunConfig) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: cannot read config ({str(exc).splitlines()[0]})") from exc
+        raise ValueError(f"{path}: cannot read config ({problem(exc)})") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must be a mapping of parameter: value")
     known = {f.name for f in fields(schema)}

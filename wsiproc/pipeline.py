@@ -21,6 +21,7 @@ import numpy as np
 from . import __version__
 from .config import RunConfig
 from .detections import Detections
+from .errors import problem
 from .inference import Predictor
 from .model import SIZE_MULTIPLE_PX
 from .postprocess import find_nuclei
@@ -54,7 +55,7 @@ def plan_tiles(sampler: SlideSampler, cfg: RunConfig) -> tuple[TileGrid, list[tu
         try:
             mask = tissue_mask(sampler)
         except Exception as exc:  # a corrupt tile in the level the mask is read from (single-level files)
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = problem(exc)
             if cfg.strict:
                 raise SlideError(f"{sampler.path}: the overview for the tissue mask cannot be decoded: {reason}") from exc
             info["warnings"].append(f"no tissue mask (the overview cannot be decoded: {reason}): every tile was sent to the model")
@@ -73,19 +74,19 @@ def plan_tiles(sampler: SlideSampler, cfg: RunConfig) -> tuple[TileGrid, list[tu
     return grid, tiles, info, mask
 
 
-def _batched(items: list, size: int) -> Iterable[list]:
+def batched(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
 
-def _read_tile(blocks, rc: tuple[int, int], strict: bool, path: Path) -> tuple[np.ndarray | None, dict | None]:
+def read_tile(blocks, rc: tuple[int, int], strict: bool, path: Path) -> tuple[np.ndarray | None, dict | None]:
     """One tile with its halo, or the reason it could not be decoded (a corrupt tile in a readable slide)."""
     try:
         return blocks.blocks[rc[0], rc[1]].compute(scheduler="synchronous"), None
     except Exception as exc:
         if strict:
-            raise ValueError(f"{path}: tile (row {rc[0]}, col {rc[1]}) cannot be decoded: {exc}") from exc
-        return None, {"row": rc[0], "col": rc[1], "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+            raise ValueError(f"{path}: tile (row {rc[0]}, col {rc[1]}) cannot be decoded: {problem(exc)}") from exc
+        return None, {"row": rc[0], "col": rc[1], "error": problem(exc)}
 
 
 def _nuclei_of_batch(predictor, grid: TileGrid, tiles: list[tuple[int, int]], images: list[np.ndarray], threshold: float) -> tuple[list, float, float]:
@@ -98,19 +99,19 @@ def _nuclei_of_batch(predictor, grid: TileGrid, tiles: list[tuple[int, int]], im
 
 
 @functools.lru_cache(maxsize=2)
-def _worker_predictor(model_path: str) -> Predictor:
+def worker_predictor(model_path: str) -> Predictor:
     return Predictor(model_path)
 
 
 def _remote_batch(sampler: SlideSampler, grid: TileGrid, tiles: list[tuple[int, int]], cfg: RunConfig, model_path: str):
     """What a dask worker does with one batch: read, predict, post-process; the model is loaded once per worker."""
     blocks = halo_tiles(sampler, grid)
-    reads = [(rc, *_read_tile(blocks, rc, cfg.strict, Path(sampler.path))) for rc in tiles]
+    reads = [(rc, *read_tile(blocks, rc, cfg.strict, Path(sampler.path))) for rc in tiles]
     ok = [(rc, img) for rc, img, _ in reads if img is not None]
     failures = [f for _, _, f in reads if f is not None]
     if not ok:
         return [], failures, 0.0, 0.0
-    found, t_pred, t_post = _nuclei_of_batch(_worker_predictor(model_path), grid, [rc for rc, _ in ok], [img for _, img in ok], cfg.threshold)
+    found, t_pred, t_post = _nuclei_of_batch(worker_predictor(model_path), grid, [rc for rc, _ in ok], [img for _, img in ok], cfg.threshold)
     return found, failures, t_pred, t_post
 
 
@@ -118,7 +119,7 @@ def _local_batches(slide: Slide, sampler: SlideSampler, grid: TileGrid, batches:
     """Reads run in a thread pool two batches ahead of the model, so decoding overlaps inference."""
     blocks = halo_tiles(sampler, grid)
     with ThreadPoolExecutor(max_workers=max(1, cfg.io_workers), thread_name_prefix="wsiproc-read") as pool:
-        submit = lambda batch: (batch, [pool.submit(_read_tile, blocks, rc, cfg.strict, slide.path) for rc in batch])  # noqa: E731
+        submit = lambda batch: (batch, [pool.submit(read_tile, blocks, rc, cfg.strict, slide.path) for rc in batch])  # noqa: E731
         pending = deque(submit(b) for b in batches[:2])
         upcoming = iter(batches[2:])
         while pending:
@@ -156,7 +157,7 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
     sampler = SlideSampler.for_slide(slide, cfg.model_mpp)
     grid, tiles, stats, mask = plan_tiles(sampler, cfg)
     stats["tile_mask_s"] = round(time.perf_counter() - t_start, 3)
-    batches = list(_batched(tiles, cfg.batch_size))
+    batches = list(batched(tiles, cfg.batch_size))
     source = (_distributed_batches(client, sampler, grid, batches, cfg, predictor) if client is not None
               else _local_batches(slide, sampler, grid, batches, cfg, predictor))
 
@@ -215,6 +216,14 @@ def slide_summary(slide: Slide) -> dict:
     }
 
 
+def split_stats(stats: dict) -> dict:
+    """The detection statistics as the run record holds them: each figure once, grouped by what it is about."""
+    tiles = {k: v for k, v in stats.items() if k.startswith(("tiles_", "grid_", "tissue_"))}
+    timings = {k: v for k, v in stats.items() if k.endswith("_s")}
+    rest = {k: v for k, v in stats.items() if k not in tiles and k not in timings and k != "warnings"}
+    return {"tiles": tiles, "warnings": stats["warnings"], "timings_s": timings, "stats": rest}
+
+
 def run_slide(path: str | Path, out_dir: str | Path, cfg: RunConfig, predictor: Predictor, stem: str | None = None,
               progress: ProgressFn | None = None, extra_input: dict | None = None, client=None) -> dict:
     """Process one input and write its outputs; returns the run record (also written as `<stem>.json`)."""
@@ -232,10 +241,7 @@ def run_slide(path: str | Path, out_dir: str | Path, cfg: RunConfig, predictor: 
             "model": {"path": str(predictor.model_path), "sha256": predictor.sha256, "device": predictor.device},
             "parameters": cfg.to_dict(),
             "mpp_used": mpp0,
-            "tiles": {k: v for k, v in result.stats.items() if k.startswith(("tiles_", "grid_", "tissue_"))},
-            "warnings": result.stats["warnings"],
-            "timings_s": {k: v for k, v in result.stats.items() if k.endswith("_s")},
-            "stats": result.stats,
+            **split_stats(result.stats),
         }
         w0, h0 = slide.dimensions
         # Everything but writing the files themselves: the record is written last and cannot time itself.

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import problem
+
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
@@ -172,7 +174,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
             if slide is not None:
                 _probe(slide)
         except Exception as exc:  # each reader signals refusal differently
-            errors.append(f"{opener.__name__[6:]}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            errors.append(f"{opener.__name__[6:]}: {problem(exc)}")
             continue
         if slide is None:
             continue

@@ -201,6 +201,9 @@ def train(
     if state_file.is_file() and last_ckpt.is_file():
         state = json.loads(state_file.read_text())
         model = keras.models.load_model(last_ckpt, compile=True, safe_mode=True)
+        # A resumed run may continue at a lower learning rate (the usual step decay once the loss plateaus);
+        # the optimiser's moments are kept, only the step size changes.
+        model.optimizer.learning_rate.assign(cfg.learning_rate)
     else:
         if init_model is not None:
             model = load_model(init_model)
@@ -220,7 +223,11 @@ def train(
             state["epoch"] = epoch + 1
             state["seconds"] += time.perf_counter() - self.t0
             self.t0 = time.perf_counter()
-            state["history"].append({"epoch": epoch + 1, "loss": float((logs or {}).get("loss", float("nan")))})
+            state["history"].append({
+                "epoch": epoch + 1,
+                "loss": float((logs or {}).get("loss", float("nan"))),
+                "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+            })
             save_model(self.model, last_ckpt)
             tmp = state_file.with_suffix(".json.partial")
             tmp.write_text(json.dumps(state, indent=1))
