@@ -86,3 +86,12 @@ def test_a_local_dask_cluster_gives_exactly_the_local_result(shared_data: Path, 
     np.testing.assert_array_equal(remote.x_px, local.x_px)
     np.testing.assert_array_equal(remote.y_px, local.y_px)
     np.testing.assert_array_equal(remote.confidence, local.confidence)
+
+
+@pytest.mark.parametrize("side_px, tiles_total, tile_px", [(550, 1, 552), (640, 1, 640), (700, 4, 512)])
+def test_a_crop_at_most_a_quarter_larger_than_a_tile_is_computed_as_one_tile(tmp_path: Path, side_px: int, tiles_total: int, tile_px: int) -> None:
+    path = tmp_path / "crop.png"
+    Image.new("RGB", (side_px, side_px), (200, 120, 160)).save(path)
+    slide = open_slide(path, mpp=0.5)
+    grid, tiles, info, _ = plan_tiles(SlideSampler.for_slide(slide, 0.5), RunConfig(tile_px=512, tissue_mask=False))
+    assert (info["tiles_total"], grid.tile_px, len(tiles)) == (tiles_total, tile_px, tiles_total)

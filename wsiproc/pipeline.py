@@ -42,12 +42,18 @@ class SlideDetections:
     sampler: SlideSampler | None = None
 
 
+#: Images whose longer side is at most this many tile sides are computed as one tile.
+SMALL_IMAGE_FACTOR = 1.25
+
+
 def plan_tiles(sampler: SlideSampler, cfg: RunConfig) -> tuple[TileGrid, list[tuple[int, int]], dict, TissueMask | None]:
     """The tile grid, the tiles worth computing (those touching tissue, unless the mask is off), counts and
     warnings, and the tissue mask itself (None when off or unreadable)."""
     h, w = sampler.shape_hw()
-    # An image smaller than one tile gets a tile of its own size: same output, far less padding to compute.
-    tile_px = min(cfg.tile_px, -(-max(h, w) // SIZE_MULTIPLE_PX) * SIZE_MULTIPLE_PX)
+    # An image up to a quarter larger than one tile (annotated crops, small regions) gets one tile of its own
+    # size: same output, and one model call instead of four mostly-padding ones.
+    side_px = -(-max(h, w) // SIZE_MULTIPLE_PX) * SIZE_MULTIPLE_PX
+    tile_px = side_px if side_px <= SMALL_IMAGE_FACTOR * cfg.tile_px else cfg.tile_px
     grid = TileGrid(h, w, tile_px, cfg.halo_px)
     info: dict = {"tiles_total": len(grid), "warnings": []}
     mask = None
