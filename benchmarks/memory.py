@@ -12,6 +12,7 @@ contract: the network's own memory is constant per tile, so this measures what g
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -94,9 +95,11 @@ def main() -> None:
             cmd = [sys.executable, "-m", "wsiproc.cli", "run", str(slide), "--out", str(tmp / "out"), "--quiet", "--no-resume",
                    "--tile-px", str(args.tile_px), *model]
             peak, dt, rc = peak_rss(cmd)
+            record = tmp / "out" / f"slide_{size}.json"
+            nuclei = json.loads(record.read_text())["nuclei"] if rc == 0 and record.is_file() else None
             print(f"{size}×{size} px at 0.25 µm/px ({size * 0.25 / 1e3:.1f}×{size * 0.25 / 1e3:.1f} mm, "
                   f"{slide.stat().st_size / 2**20:.0f} MiB file, made in {made:.0f} s): peak RSS {peak:.2f} GiB, "
-                  f"{dt:.0f} s, exit {rc}", flush=True)
+                  f"{dt:.0f} s, {nuclei} nuclei written, exit {rc}", flush=True)
             slide.unlink()
 
 
