@@ -10,6 +10,7 @@ import click
 
 from . import __version__
 from .config import RunConfig
+from .errors import one_line, problem
 
 SAMPLE_SLIDE = Path(__file__).parent / "sample" / "CMU-1-Small-Region.svs"
 
@@ -29,11 +30,13 @@ def main() -> None:
 @click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--sample", is_flag=True, help="Add the bundled sample slide (CMU-1-Small-Region.svs) to the inputs.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
-@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), help="A .keras model (default: the shipped one).")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), help="A .keras model, or a .tflite from `wsiproc quantize` (default: the shipped one).")
 @click.option("--mpp", type=float, help="Pixel size in µm/px, overriding the file's (needed for plain images).")
 @click.option("--tile-px", type=int, default=RunConfig.tile_px, show_default=True, help="Tile core side at 0.5 µm/px.")
 @click.option("--halo-px", type=int, default=RunConfig.halo_px, show_default=True, help="Context around each tile at 0.5 µm/px.")
-@click.option("--batch-size", type=int, default=RunConfig.batch_size, show_default=True)
+@click.option("--batch-size", type=int, default=RunConfig.batch_size, show_default=True, help="Tiles per model call (halved automatically on GPU out-of-memory).")
+@click.option("--precision", type=click.Choice(["auto", "float32", "mixed_float16"]), default=RunConfig.precision, show_default=True,
+              help="auto: mixed float16 on a GPU, float32 on the CPU.")
 @click.option("--threshold", type=float, default=RunConfig.threshold, show_default=True, help="Confidence threshold.")
 @click.option("--no-tissue-mask", is_flag=True, help="Send every tile to the model, background included.")
 @click.option("--density-cell-um", type=float, default=RunConfig.density_cell_um, show_default=True)
@@ -48,7 +51,7 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the final summary.")
 @click.pass_context
 def run(ctx: click.Context, inputs: tuple[Path, ...], sample: bool, out_dir: Path, model_path: Path | None, mpp: float | None, tile_px: int, halo_px: int,
-        batch_size: int, threshold: float, no_tissue_mask: bool, density_cell_um: float, geojson_gz: bool,
+        batch_size: int, precision: str, threshold: float, no_tissue_mask: bool, density_cell_um: float, geojson_gz: bool,
         config_file: Path | None, strict: bool, resume: bool, scheduler: str | None, workers: int, quiet: bool) -> None:
     """Detect nuclei in every INPUT and write <stem>.csv, .geojson, _density.tiff/.png and .json to --out."""
     if sample:
@@ -64,7 +67,7 @@ def run(ctx: click.Context, inputs: tuple[Path, ...], sample: bool, out_dir: Pat
         "tile_px": ("tile_px", tile_px), "halo_px": ("halo_px", halo_px), "batch_size": ("batch_size", batch_size),
         "threshold": ("threshold", threshold), "tissue_mask": ("no_tissue_mask", not no_tissue_mask),
         "density_cell_um": ("density_cell_um", density_cell_um), "geojson_gz": ("geojson_gz", geojson_gz),
-        "strict": ("strict", strict),
+        "strict": ("strict", strict), "precision": ("precision", precision),
     }
     try:
         values = load_config_file(config_file) if config_file else {}
@@ -84,7 +87,7 @@ def run(ctx: click.Context, inputs: tuple[Path, ...], sample: bool, out_dir: Pat
     from .inference import Predictor
 
     try:
-        predictor = Predictor(cfg.model_path)
+        predictor = Predictor(cfg.model_path, precision=cfg.precision)
     except (FileNotFoundError, ValueError) as exc:
         _fail_usage(str(exc))
     bars: list = []
@@ -362,12 +365,43 @@ def explain(slide_path: Path, n_nuclei: int, out_dir: Path, model_path: Path | N
         path = explain_slide(slide_path, out_dir, model_path=model_path, n=n_nuclei, rule=rule, seed=seed, mpp=mpp,
                              region_px=region_px or None)
     except (ValueError, OSError) as exc:  # SlideError is a ValueError; messages mostly start with the file name
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if not message.startswith((str(slide_path), str(model_path) if model_path else str(slide_path))):
-            message = f"{slide_path}: {message}"
+        message = problem(exc)
+        if not (model_path and message.startswith(str(model_path))):
+            message = one_line(exc, slide_path)
         click.echo(message, err=True)
         sys.exit(1)
     click.echo(f"saved {path}")
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL.keras", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--calibration", "calibration_spec", required=True,
+              help="H&E images (file, folder or glob) like those to be run: the int8 ranges are calibrated on crops of them.")
+@click.option("--mpp", type=float, required=True, help="Pixel size of the calibration images in µm/px.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The int8 .tflite file.")
+@click.option("--crops", "n_crops", type=click.IntRange(min=1), default=48, show_default=True, help="Calibration crops in all.")
+@click.option("--crop-px", type=int, default=128, show_default=True, help="Calibration crop side at 0.5 µm/px.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def quantize(model_path: Path, calibration_spec: str, mpp: float, out_path: Path, n_crops: int, crop_px: int, seed: int) -> None:
+    """Experimental: convert MODEL.keras to an int8 .tflite for `wsiproc run --model X.tflite` (see benchmarks/precision.py)."""
+    from .quantize import crops_from_files, quantize_model, sidecar_path
+    from .slide import PLAIN_IMAGE_SUFFIXES
+
+    if out_path.suffix.lower() != ".tflite":
+        _fail_usage(f"{out_path}: the output must end in .tflite (the suffix selects the backend in `wsiproc run`)")
+    if not 0 < mpp < 100:
+        _fail_usage(f"--mpp must be a pixel size in µm/px (got {mpp})")
+    images = _expand(calibration_spec, PLAIN_IMAGE_SUFFIXES)
+    if not images:
+        _fail_usage(f"{calibration_spec}: no calibration images found")
+    try:
+        crops = crops_from_files(images, mpp, n_crops=n_crops, crop_px=crop_px, seed=seed)
+        quantize_model(model_path, crops, out_path)
+    except (ValueError, OSError) as exc:
+        click.echo(str(exc).strip().splitlines()[0] if str(exc).strip() else f"{model_path}: {type(exc).__name__}", err=True)
+        sys.exit(1)
+    click.echo(f"saved {out_path} (int8, calibrated on {len(crops)} crops of {crop_px} px from {len(images)} images); "
+               f"provenance in {sidecar_path(out_path)}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ class RunConfig:
     geojson_gz: bool = False
     io_workers: int = 2
     strict: bool = False  # a tile that cannot be decoded fails the slide (default: skipped and reported)
+    precision: str = "auto"  # auto: mixed float16 on a GPU, float32 on the CPU; or float32 / mixed_float16
 
     def validate(self) -> "RunConfig":
         problems = []
@@ -32,6 +33,8 @@ class RunConfig:
             problems.append(f"halo_px must be a multiple of {SIZE_MULTIPLE_PX} and >= {RECEPTIVE_RADIUS_PX} (got {self.halo_px})")
         if not 0.0 < self.threshold < 1.0:
             problems.append(f"threshold must lie in (0, 1) (got {self.threshold})")
+        if self.precision not in ("auto", "float32", "mixed_float16"):
+            problems.append(f"precision must be auto, float32 or mixed_float16 (got {self.precision!r})")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
         if self.density_cell_um <= 0:

@@ -105,8 +105,8 @@ def _nuclei_of_batch(predictor, grid: TileGrid, tiles: list[tuple[int, int]], im
 
 
 @functools.lru_cache(maxsize=2)
-def worker_predictor(model_path: str) -> Predictor:
-    return Predictor(model_path)
+def worker_predictor(model_path: str, precision: str = "auto") -> Predictor:
+    return Predictor(model_path, precision=precision)
 
 
 def _remote_batch(sampler: SlideSampler, grid: TileGrid, tiles: list[tuple[int, int]], cfg: RunConfig, model_path: str):
@@ -117,7 +117,7 @@ def _remote_batch(sampler: SlideSampler, grid: TileGrid, tiles: list[tuple[int, 
     failures = [f for _, _, f in reads if f is not None]
     if not ok:
         return [], failures, 0.0, 0.0
-    found, t_pred, t_post = _nuclei_of_batch(worker_predictor(model_path), grid, [rc for rc, _ in ok], [img for _, img in ok], cfg.threshold)
+    found, t_pred, t_post = _nuclei_of_batch(worker_predictor(model_path, cfg.precision), grid, [rc for rc, _ in ok], [img for _, img in ok], cfg.threshold)
     return found, failures, t_pred, t_post
 
 
@@ -244,7 +244,8 @@ def run_slide(path: str | Path, out_dir: str | Path, cfg: RunConfig, predictor: 
         record = {
             "wsiproc_version": __version__,
             "input": {**slide_summary(slide), **(extra_input or {})},
-            "model": {"path": str(predictor.model_path), "sha256": predictor.sha256, "device": predictor.device},
+            "model": {"path": str(predictor.model_path), "sha256": predictor.sha256, "device": predictor.device,
+                      "precision": getattr(predictor, "precision", "float32")},
             "parameters": cfg.to_dict(),
             "mpp_used": mpp0,
             **split_stats(result.stats),
