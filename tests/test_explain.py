@@ -165,3 +165,14 @@ def test_cli_explain_errors_are_one_line(shared_data: Path, tmp_path: Path, case
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"{path}: ")
+
+
+def test_cli_explain_refuses_a_tflite_model_in_one_line(shared_data: Path, tmp_path: Path) -> None:
+    from wsiproc.cli import main
+
+    model = tmp_path / "m.int8.tflite"
+    model.write_bytes(b"TFL3")
+    image = shared_data / "crc-dev" / "images" / "img1.png"
+    result = CliRunner().invoke(main, ["explain", str(image), "--mpp", "0.55", "--model", str(model), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"{model}: LRP needs the network's float weights and gradients; give the .keras model it was made from"

@@ -242,6 +242,8 @@ def explain_slide(path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     if rule not in RULES:
         raise ValueError(f"unknown LRP rule {rule!r}; known: {', '.join(RULES)}")
     path = Path(path)
+    if model_path is not None and Path(model_path).suffix.lower() == ".tflite":
+        raise ValueError(f"{model_path}: LRP needs the network's float weights and gradients; give the .keras model it was made from")
     cfg = RunConfig(model_path=str(model_path) if model_path else None, mpp=mpp).validate()
     slide = open_slide(path, mpp)
     try:
