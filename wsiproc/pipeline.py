@@ -95,13 +95,17 @@ def read_tile(blocks, rc: tuple[int, int], strict: bool, path: Path) -> tuple[np
         return None, {"row": rc[0], "col": rc[1], "error": problem(exc)}
 
 
-def _nuclei_of_batch(predictor, grid: TileGrid, tiles: list[tuple[int, int]], images: list[np.ndarray], threshold: float) -> tuple[list, float, float]:
-    """Model + post-processing for one batch: per tile (row, col, y, x, confidence, area_px) in core."""
+def _nuclei_of_tiles(grid: TileGrid, tiles: list[tuple[int, int]], conf: np.ndarray, threshold: float) -> tuple[list, float]:
+    """Post-processing of one batch's confidence maps: per tile (row, col, y, x, confidence, area_px) in its core."""
+    t0 = time.perf_counter()
+    found = [(r, c, *keep_core(find_nuclei(tile_conf, threshold), grid, r, c)) for (r, c), tile_conf in zip(tiles, conf)]
+    return found, time.perf_counter() - t0
+
+
+def _predict(predictor, images: list[np.ndarray]) -> tuple[np.ndarray, float]:
     t0 = time.perf_counter()
     conf = predictor(np.stack(images))
-    t1 = time.perf_counter()
-    found = [(r, c, *keep_core(find_nuclei(tile_conf, threshold), grid, r, c)) for (r, c), tile_conf in zip(tiles, conf)]
-    return found, t1 - t0, time.perf_counter() - t1
+    return conf, time.perf_counter() - t0
 
 
 @functools.lru_cache(maxsize=2)
@@ -117,17 +121,27 @@ def _remote_batch(sampler: SlideSampler, grid: TileGrid, tiles: list[tuple[int, 
     failures = [f for _, _, f in reads if f is not None]
     if not ok:
         return [], failures, 0.0, 0.0
-    found, t_pred, t_post = _nuclei_of_batch(worker_predictor(model_path, cfg.precision), grid, [rc for rc, _ in ok], [img for _, img in ok], cfg.threshold)
+    conf, t_pred = _predict(worker_predictor(model_path, cfg.precision), [img for _, img in ok])
+    found, t_post = _nuclei_of_tiles(grid, [rc for rc, _ in ok], conf, cfg.threshold)
     return found, failures, t_pred, t_post
 
 
 def _local_batches(slide: Slide, sampler: SlideSampler, grid: TileGrid, batches: list, cfg: RunConfig, predictor: Predictor):
-    """Reads run in a thread pool two batches ahead of the model, so decoding overlaps inference."""
+    """The model never waits for the rest: reads run in a thread pool two batches ahead of it, and each batch's
+    post-processing runs in that pool while the model computes the next batch (on a GPU both would otherwise
+    leave it idle)."""
     blocks = halo_tiles(sampler, grid)
     with ThreadPoolExecutor(max_workers=max(1, cfg.io_workers), thread_name_prefix="wsiproc-read") as pool:
         submit = lambda batch: (batch, [pool.submit(read_tile, blocks, rc, cfg.strict, slide.path) for rc in batch])  # noqa: E731
         pending = deque(submit(b) for b in batches[:2])
         upcoming = iter(batches[2:])
+        post: deque = deque()  # (tiles in batch, post-processing future, failures, predict seconds)
+
+        def finished():
+            n_tiles, future, failures, t_pred = post.popleft()
+            found, t_post = future.result()
+            return n_tiles, found, failures, t_pred, t_post
+
         while pending:
             batch, futures = pending.popleft()
             nxt = next(upcoming, None)
@@ -137,10 +151,14 @@ def _local_batches(slide: Slide, sampler: SlideSampler, grid: TileGrid, batches:
             ok = [(rc, img) for rc, img, _ in reads if img is not None]
             failures = [f for _, _, f in reads if f is not None]
             if not ok:
-                yield len(batch), [], failures, 0.0, 0.0
-                continue
-            found, t_pred, t_post = _nuclei_of_batch(predictor, grid, [rc for rc, _ in ok], [img for _, img in ok], cfg.threshold)
-            yield len(batch), found, failures, t_pred, t_post
+                post.append((len(batch), pool.submit(lambda: ([], 0.0)), failures, 0.0))
+            else:
+                conf, t_pred = _predict(predictor, [img for _, img in ok])
+                post.append((len(batch), pool.submit(_nuclei_of_tiles, grid, [rc for rc, _ in ok], conf, cfg.threshold), failures, t_pred))
+            while len(post) > 1:
+                yield finished()
+        while post:
+            yield finished()
 
 
 def _distributed_batches(client, sampler: SlideSampler, grid: TileGrid, batches: list, cfg: RunConfig, predictor: Predictor):
