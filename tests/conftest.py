@@ -41,3 +41,22 @@ def predictor(shipped_model: Path):
     from wsiproc.inference import Predictor
 
     return Predictor(shipped_model)
+
+
+@pytest.fixture(scope="session")
+def make_detections():
+    """Random but seeded detections over a `width_px` × `height_px` slide, for the writers' tests."""
+    import numpy as np
+
+    from wsiproc.detections import Detections
+
+    def make(seed: int, n: int, width_px: float, height_px: float, confidence: tuple[float, float], area_um2: tuple[float, float]) -> Detections:
+        rng = np.random.default_rng(seed)
+        return Detections(
+            x_px=rng.uniform(0, width_px, n),
+            y_px=rng.uniform(0, height_px, n),
+            confidence=rng.uniform(*confidence, n).astype(np.float32),
+            area_um2=rng.uniform(*area_um2, n).astype(np.float32),
+        )
+
+    return make

@@ -30,15 +30,8 @@ MPP = 0.25
 
 
 @pytest.fixture
-def det() -> Detections:
-    rng = np.random.default_rng(7)
-    n = 300
-    return Detections(
-        x_px=rng.uniform(0, 4000, n),
-        y_px=rng.uniform(0, 3000, n),
-        confidence=rng.uniform(0.3, 1.0, n).astype(np.float32),
-        area_um2=rng.uniform(10, 80, n).astype(np.float32),
-    )
+def det(make_detections) -> Detections:
+    return make_detections(seed=7, n=300, width_px=4000, height_px=3000, confidence=(0.3, 1.0), area_um2=(10, 80))
 
 
 def _sorted_by_yx(det: Detections) -> Detections:

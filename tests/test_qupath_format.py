@@ -43,15 +43,8 @@ MPP = 0.2527
 
 
 @pytest.fixture
-def det() -> Detections:
-    rng = np.random.default_rng(11)
-    n = 257
-    return Detections(
-        x_px=rng.uniform(0, 5000, n),
-        y_px=rng.uniform(0, 4000, n),
-        confidence=rng.uniform(0.5, 1.0, n).astype(np.float32),
-        area_um2=rng.uniform(2, 40, n).astype(np.float32),
-    )
+def det(make_detections) -> Detections:
+    return make_detections(seed=11, n=257, width_px=5000, height_px=4000, confidence=(0.5, 1.0), area_um2=(2, 40))
 
 
 def _load(path: Path) -> dict:

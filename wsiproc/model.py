@@ -13,6 +13,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 from keras import layers  # noqa: E402
 
 #: The resolution the network is trained and run at.
@@ -96,7 +97,7 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def subpixel_head(model: keras.Model) -> tuple[keras.Model, "np.ndarray", "np.ndarray", int] | None:
+def subpixel_head(model: keras.Model) -> tuple[keras.Model, np.ndarray, np.ndarray, int] | None:
     """The network's ending `UpSampling2D (nearest) … → Conv2D(1, 3×3, same, sigmoid)` rewritten for inference.
 
     Upsampling 512 feature channels to full resolution only to reduce them to one channel costs ~0.7 GB per
@@ -105,8 +106,6 @@ def subpixel_head(model: keras.Model) -> tuple[keras.Model, "np.ndarray", "np.nd
     summed where the full-resolution window falls on the same feature pixel) followed by depth-to-space(f).
     Returns (trunk, kernel, bias, factor), or None when the model does not end that way (then run it as is).
     """
-    import numpy as np
-
     layers_ = model.layers
     head = layers_[-1]
     if not (isinstance(head, layers.Conv2D) and head.filters == 1 and tuple(head.kernel_size) == (3, 3)
@@ -120,7 +119,7 @@ def subpixel_head(model: keras.Model) -> tuple[keras.Model, "np.ndarray", "np.nd
             return None
         factor *= up.size[0]
         i -= 1
-    if factor == 1 or factor < 2:
+    if factor < 2:
         return None
     trunk = keras.Model(model.inputs, layers_[i].output, name=f"{model.name}_trunk")
     k, b = (np.asarray(w, dtype=np.float64) for w in head.get_weights())  # (3, 3, C, 1), (1,)
