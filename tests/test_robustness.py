@@ -446,7 +446,8 @@ def test_ctrl_c_mid_batch_exits_130_and_leaves_only_complete_results(tmp_path: P
     from wsiproc.config import RunConfig
     from wsiproc.model import file_sha256
 
-    inputs = _three_inputs(tmp_path, slides)
+    # A larger last input (30 tiles) keeps the run busy after the signal, even when the machine is slow to poll.
+    inputs = [*_three_inputs(tmp_path, slides), Path(shutil.copy(slides / "CMU-1-Small-Region.svs", tmp_path / "in"))]
     out = tmp_path / "out"
     proc = _start_cli(_run_args(inputs, out, tiny_model))
     first_record = out / f"{inputs[0].stem}.json"
