@@ -369,8 +369,17 @@ def _run_args(inputs: list[Path], out: Path, model: Path) -> list[str]:
 
 def _start_cli(args: list[str]) -> subprocess.Popen:
     """`wsiproc run` as its own process, which a test can kill or interrupt."""
+    # SIGINT back to its default in the child: an ignored SIGINT is inherited (a shell's background job, or a
+    # library in the test process), and Python then installs no KeyboardInterrupt handler: Ctrl-C would be untestable.
     return subprocess.Popen([sys.executable, "-m", "wsiproc.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT neither ignored nor blocked, whatever the test process inherited or set."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _wait_for(proc: subprocess.Popen, what: str, condition, timeout_s: float = 600) -> None:
