@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import problem
 from .model import DEFAULT_MODEL_PATH, file_sha256, load_model, subpixel_head
 
 TFLITE_SUFFIX = ".tflite"
@@ -140,7 +141,7 @@ def _tflite_interpreter(path: Path, num_threads: int):
         try:
             return Interpreter(model_path=str(path), num_threads=num_threads)
         except (ValueError, RuntimeError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = problem(exc)
             raise ValueError(f"{path}: not a loadable .tflite model ({reason})") from None
 
 

@@ -17,7 +17,6 @@ sha256: a `.tflite` whose source `.keras` has since been retrained (or that was 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -172,11 +171,11 @@ def convert_float32(model_path: str | Path) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp name then rename: an interrupted run never leaves a truncated file under the final name."""
+    from .export import atomic_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_tflite(data: bytes, out_path: str | Path, source_model: str | Path, info: dict | None = None) -> Path:
