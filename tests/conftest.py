@@ -36,6 +36,33 @@ def shipped_model() -> Path:
     return DEFAULT_MODEL_PATH
 
 
+def save_tiny_model(path: Path) -> Path:
+    """A real one-layer Keras model that marks dark pixels, as nuclei are dark in H&E.
+
+    It exists for speed: fuzzing, kill and many-process tests exercise input handling, batching, claims and
+    file writing, which do not depend on the weights, and the shipped network costs about a second of CPU per
+    tile where this one costs milliseconds. One 3×3 convolution over RGB in [0, 1]: every weight -20/27 and
+    bias 11 give a sigmoid above 0.5 exactly where the mean of the 3×3×3 neighbourhood is below 0.55
+    (haematoxylin).
+    """
+    import keras
+    import numpy as np
+
+    from wsiproc.model import save_model
+
+    rgb = keras.Input((None, None, 3))
+    conv = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")
+    model = keras.Model(rgb, conv(rgb))
+    conv.set_weights([np.full((3, 3, 3, 1), -20 / 27, np.float32), np.array([11.0], np.float32)])
+    return save_model(model, path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The dark-pixel model of `save_tiny_model`, saved once per session (test_explain has its own, in memory)."""
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny.keras")
+
+
 @pytest.fixture(scope="session")
 def predictor(shipped_model: Path):
     from wsiproc.inference import Predictor

@@ -49,7 +49,9 @@ def test_bad_inputs_get_one_line_each_and_the_batch_goes_on(tmp_path: Path, slid
     assert "Traceback" not in result.output
     assert (out / "case 7 (HE).json").is_file()
     assert "done 1, skipped 0, failed 6 of 7 inputs" in result.output
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"case 7 (HE){s}" for s in (".csv", ".geojson", ".json", "_density.png", "_density.tiff", "_qc.png"))
+    results = sorted(f"case 7 (HE){s}" for s in (".csv", ".geojson", ".json", "_density.png", "_density.tiff", "_qc.png"))
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted([*results, "summary.csv"])
+    assert not list(out.glob(".*.claim")) and not list(out.glob("*.partial"))
 
 
 def test_finished_inputs_are_skipped_and_changes_mean_reprocessing(tmp_path: Path, small_slide: Path, shipped_model) -> None:

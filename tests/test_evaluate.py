@@ -271,6 +271,7 @@ def test_predictions_are_read_from_a_results_folder(tmp_path: Path) -> None:
     write_csv(tmp_path / "empty.csv", Detections.empty(), mpp=0.5)
     write_scores_csv(tmp_path / "run_scores.csv", {}, Score(0, 0, 0))
     (tmp_path / "empty.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    (tmp_path / "summary.csv").write_text("input,status,detail,nuclei\nslide.svs,done,,12\n")  # the cohort table
 
     pred = read_predictions(tmp_path)
 

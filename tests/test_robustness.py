@@ -41,30 +41,6 @@ OUTPUT_SUFFIXES = (".csv", ".geojson", "_density.tiff", "_density.png", "_qc.png
 # ------------------------------------------------------------------------------------------ tiny model
 
 
-def _save_tiny_model(path: Path) -> Path:
-    """A real one-layer Keras model that marks dark pixels, as nuclei are dark in H&E.
-
-    It exists for speed: fuzzing and kill tests exercise input handling, batching and file writing, which
-    do not depend on the weights, and the shipped network costs about a second of CPU per tile where this
-    one costs milliseconds. One 3×3 convolution over RGB in [0, 1]: every weight -20/27 and bias 11 give a
-    sigmoid above 0.5 exactly where the mean of the 3×3×3 neighbourhood is below 0.55 (haematoxylin).
-    """
-    import keras
-
-    from wsiproc.model import save_model
-
-    rgb = keras.Input((None, None, 3))
-    conv = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")
-    model = keras.Model(rgb, conv(rgb))
-    conv.set_weights([np.full((3, 3, 3, 1), -20 / 27, np.float32), np.array([11.0], np.float32)])
-    return save_model(model, path)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return _save_tiny_model(tmp_path_factory.mktemp("model") / "tiny.keras")
-
-
 @pytest.fixture(scope="session")
 def tiny_predictor(tiny_model: Path):
     from wsiproc.inference import Predictor
@@ -284,8 +260,10 @@ def _forward_lines(stream, lines: queue.Queue) -> None:
 
 def _result(work: Path, mutant: Mutant, status: str, detail: str, seconds: float) -> FuzzResult:
     out = work / "out" / mutant.name
-    files = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    records = [json.loads(p.read_text()) for p in out.glob("*.json")] if status == "done" else []
+    # The cohort table and the outcome note are bookkeeping, written for failed inputs too; claims and temporary
+    # files stay listed: none may be left.
+    files = sorted(p.name for p in out.iterdir() if p.name != "summary.csv" and not p.name.endswith(".outcome.json")) if out.is_dir() else []
+    records = [json.loads(p.read_text()) for p in out.glob("[!.]*.json")] if status == "done" else []
     outputs = sorted(records[0]["outputs"].values()) if records else []
     failed_tiles = len(records[0]["stats"]["failed_tiles"]) if records else 0
     if status in ("done", "failed"):
@@ -427,7 +405,7 @@ def test_a_run_killed_mid_batch_and_rerun_gives_exactly_the_files_of_an_uninterr
     proc.wait()
     assert not (killed / f"{inputs[-1].stem}.json").exists(), "the kill landed after the batch had finished"
     # Whatever exists under a final name was written completely (atomic writes): it equals the reference below.
-    after_kill = {p.name: p.read_bytes() for p in killed.iterdir() if not p.name.startswith(".")}
+    after_kill = {p.name: p.read_bytes() for p in killed.iterdir() if not p.name.startswith(".") and p.name != "summary.csv"}
 
     # The rerun and the reference run in this process: the same command, without another TensorFlow start.
     rerun = CliRunner().invoke(main, _run_args(inputs, killed, tiny_model))
@@ -467,6 +445,7 @@ def test_ctrl_c_mid_batch_exits_130_and_leaves_only_complete_results(tmp_path: P
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not _partials(out), "temporary files left behind"
+    assert not list(out.glob(".*.claim")) and not list(out.glob(".*.lock")), "claims or the summary lock left behind"
     finished = [p for p in inputs if (out / f"{p.stem}.json").exists()]
     assert inputs[0] in finished and inputs[-1] not in finished
     cfg = RunConfig(model_path=str(tiny_model))
@@ -565,7 +544,7 @@ def test_strict_fails_the_slide_on_a_corrupt_tile(tmp_path: Path, slide_with_a_c
     [line] = [line for line in result.output.splitlines() if line.startswith(f"{slide_with_a_corrupt_tile}: ")]
     assert "tile (row 2, col 2) cannot be decoded" in line
     assert "done 0, skipped 0, failed 1 of 1 inputs" in result.output
-    assert not list(out.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == [".he.outcome.json", "summary.csv"]  # no result file, the reason noted
 
 
 def test_a_corrupt_tile_in_a_single_level_file_is_skipped_too(tmp_path: Path, shared_data: Path, tiny_predictor) -> None:

@@ -1,16 +1,20 @@
 """The `wsiproc` command line: run, info, train, evaluate."""
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import click
 
 from . import __version__
 from .config import RunConfig
-from .errors import one_line, problem
+from .errors import OutputFolderError, one_line, problem
+from .summary import SUMMARY_NAME
 
 SAMPLE_SLIDE = Path(__file__).parent / "sample" / "CMU-1-Small-Region.svs"
 
@@ -48,12 +52,20 @@ def main() -> None:
               help="Skip inputs whose outputs are complete for the same input, model and parameters.")
 @click.option("--scheduler", help="dask.distributed: 'local' (a LocalCluster on 127.0.0.1) or an existing scheduler's address.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Worker processes for --scheduler local.")
+@click.option("--claim-timeout", "claim_timeout", default="24h", show_default=True, metavar="DURATION",
+              help="A slide claimed by a process on another host is taken over after this long (e.g. 24h, 90m, 30s; "
+                   "a bare number is hours). It must exceed the longest slide's time.")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the final summary.")
 @click.pass_context
 def run(ctx: click.Context, inputs: tuple[Path, ...], sample: bool, out_dir: Path, model_path: Path | None, mpp: float | None, tile_px: int, halo_px: int,
         batch_size: int, precision: str, threshold: float, no_tissue_mask: bool, density_cell_um: float, geojson_gz: bool,
-        config_file: Path | None, strict: bool, resume: bool, scheduler: str | None, workers: int, quiet: bool) -> None:
-    """Detect nuclei in every INPUT and write <stem>.csv, .geojson, _density.tiff/.png and .json to --out."""
+        config_file: Path | None, strict: bool, resume: bool, scheduler: str | None, workers: int, claim_timeout: str,
+        quiet: bool) -> None:
+    """Detect nuclei in every INPUT and write <stem>.csv, .geojson, _density.tiff/.png and .json to --out.
+
+    Several processes may share the inputs and --out (SLURM array jobs, machines on an NFS folder): each slide
+    is claimed and computed once; summary.csv in --out lists every input.
+    """
     if sample:
         inputs = (*inputs, SAMPLE_SLIDE)
     if not inputs:
@@ -77,8 +89,14 @@ def run(ctx: click.Context, inputs: tuple[Path, ...], sample: bool, out_dir: Pat
         cfg = RunConfig(**values).validate()
     except (ValueError, TypeError) as exc:
         _fail_usage(str(exc))
+    try:
+        claim_timeout_s = _duration_s(claim_timeout)
+    except ValueError as exc:
+        _fail_usage(f"--claim-timeout: {exc}")
     stems: dict[str, Path] = {}
     for path in inputs:
+        if path.stem == Path(SUMMARY_NAME).stem:
+            _fail_usage(f"{path}: the output name '{path.stem}' is taken by the cohort table {SUMMARY_NAME}: rename the input")
         if path.stem in stems:
             _fail_usage(f"{path} and {stems[path.stem]} share the output name '{path.stem}': rename one or run them separately")
         stems[path.stem] = path
@@ -106,16 +124,50 @@ def run(ctx: click.Context, inputs: tuple[Path, ...], sample: bool, out_dir: Pat
     from .cluster import dask_client
 
     try:
-        with dask_client(scheduler, n_workers=workers) as client:
+        with _sigterm_as_interrupt(), dask_client(scheduler, n_workers=workers) as client:
             outcomes = run_batch(list(inputs), out_dir, cfg, predictor, resume=resume, echo=echo, progress_for=progress_for,
-                                 client=client)
-    except KeyboardInterrupt:
+                                 client=client, claim_timeout_s=claim_timeout_s)
+    except OutputFolderError as exc:  # unusable before the first slide
+        echo(str(exc))
+        sys.exit(1)
+    except KeyboardInterrupt as exc:
         echo("interrupted: finished results are complete; unfinished ones left no files (rerun to continue)")
-        sys.exit(130)
+        sys.exit(143 if isinstance(exc, _Terminated) else 130)
     for bar in bars:
         bar.close()
     click.echo(summary_table(outcomes))
-    sys.exit(1 if any(o.status == "failed" for o in outcomes) else 0)
+    sys.exit(1 if getattr(outcomes, "stopped", "") or any(o.status == "failed" for o in outcomes) else 0)
+
+
+def _duration_s(text: str) -> float:
+    """"24h", "90m", "30s", "2d" or a bare number of hours, in seconds."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smhd]?)\s*", text.lower())
+    if not match:
+        raise ValueError(f"expected a duration such as 24h, 90m or 30s (got {text!r})")
+    return float(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "": 3600}[match[2]]
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (scancel, a SLURM time limit, `kill`): stopped like Ctrl-C, so claims are released and no
+    temporary file stays."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum, frame):
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _progress(path: Path, bars: list):

@@ -1,6 +1,8 @@
 """How problems are reported: one line per file, `path: problem`, never a traceback."""
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 
@@ -18,3 +20,34 @@ def problem(exc: BaseException, path: str | Path | None = None) -> str:
 def one_line(exc: BaseException, path: str | Path) -> str:
     """`path: problem`, naming the file once whether or not the message already did."""
     return f"{path}: {problem(exc, path)}"
+
+
+class OutputFolderError(OSError):
+    """The output folder cannot take files (full, read-only, not permitted): every slide would fail alike."""
+
+
+#: What stops a batch at once when writing into the output folder: no later slide could be written either.
+FOLDER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _inside(filename: object, folder: Path) -> bool:
+    try:
+        return Path(os.fsdecode(filename)).resolve().is_relative_to(folder.resolve())
+    except (TypeError, ValueError, OSError):
+        return False
+
+
+def folder_problem(exc: BaseException, folder: str | Path) -> str | None:
+    """"no space left on device", "read-only file system"…: when `exc` (or what caused it) is the output folder
+    refusing a write; None for any other failure. An error naming a file outside `folder` is not the folder's;
+    one naming no file (a failed write() names none) is, for a full disk, but not for a permission error
+    (reading a slide can be refused too, and writes are refused when the file is opened, which names it)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in FOLDER_ERRNOS:
+            named = exc.filename is not None
+            if _inside(exc.filename, Path(folder)) if named else exc.errno not in (errno.EACCES, errno.EPERM):
+                return os.strerror(exc.errno).lower()
+        exc = exc.__cause__ or exc.__context__
+    return None

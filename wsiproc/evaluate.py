@@ -240,13 +240,16 @@ def read_predictions(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """{image stem: (N, 2) x, y} of wsiproc's detection CSVs: a results folder or one `<stem>.csv`.
 
     The stem is used exactly as written, because wsiproc names each result after its input image.
-    Score tables (`*_scores.csv`) and hidden temporary files in the folder are skipped. A table holding
-    many images (`image,x,y`) is read with `wsiproc.annotations.read_points` instead.
+    Score tables (`*_scores.csv`), the cohort table (`summary.csv`) and hidden temporary files in the folder
+    are skipped. A table holding many images (`image,x,y`) is read with `wsiproc.annotations.read_points` instead.
     """
+    from wsiproc.summary import SUMMARY_NAME
+
     path = Path(path)
     if path.is_dir():
         files = sorted(
-            p for p in path.glob("*.csv") if not p.name.endswith("_scores.csv") and not p.name.startswith(".")
+            p for p in path.glob("*.csv")
+            if not p.name.endswith("_scores.csv") and not p.name.startswith(".") and p.name != SUMMARY_NAME
         )
         if not files:
             raise ValueError(f"{path}: no prediction files (<image>.csv) in this folder")

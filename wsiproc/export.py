@@ -38,6 +38,7 @@ __all__ = [
     "write_run_record",
     "read_run_record",
     "write_outputs",
+    "RESULT_SUFFIXES",
 ]
 
 CSV_HEADER = "x,y,x_um,y_um,confidence,area_um2"
@@ -323,6 +324,11 @@ def read_run_record(path: str | os.PathLike[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- outputs
+
+
+#: Every file `write_outputs` may write for a slide, after its `<stem>` (`.geojson.gz` instead of `.geojson`
+#: with gzip, `_qc.png` with a QC picture): what a batch removes when a slide's set was left incomplete.
+RESULT_SUFFIXES = (".csv", ".geojson", ".geojson.gz", "_density.tiff", "_density.png", "_qc.png", ".json")
 
 
 def write_outputs(
