@@ -1,8 +1,14 @@
-"""The annotated data sets the shipped model is trained and scored on, with their split fixed in code.
+"""The annotated domains the shipped model is trained and scored on, each with its held-out split fixed in code.
 
-MoNuSeg 2018 training images are split as in Kumar et al. / HoVer-Net: 16 for training, and 14 held
-out (two each of breast, kidney, liver and prostate, and all six of bladder, colon and stomach, organs
-never seen in training). crc-dev is a second lab, tissue and scanner, used only for scoring and adaptation.
+| domain | images | µm/px | held out |
+|---|---|---|---|
+| ``monuseg`` | 30 MoNuSeg 2018 training images, 7 organs | 0.25 | the Kumar / HoVer-Net 14 (organs partly unseen) |
+| ``crc`` | crc-dev, 50 colorectal images, another lab and scanner | 0.55 | every fifth image (img5, img10, … img50) |
+| ``brca`` | BRCA-M2C, 120 breast images | 0.5 | the authors' 30 test images (train + val are trained on) |
+| ``consep`` | CoNSeP train, 27 dense colorectal images | 0.5 | every fourth image (train_4, train_8, … train_24) |
+
+`domain(name, root, split)` returns `AnnotatedImage`s with `split` in 'train', 'held_out' or 'all'; training
+samples every domain's 'train' part equally so that no domain dominates (see `training.DomainSampler`).
 """
 from __future__ import annotations
 
@@ -15,6 +21,9 @@ from PIL import Image
 
 MONUSEG_MPP = 0.25
 CRC_MPP = 0.55
+BRCA_MPP = 0.5
+CONSEP_MPP = 0.5
+SPLITS = ("train", "held_out", "all")
 
 MONUSEG_HELD_OUT = (
     "TCGA-21-5784-01Z-00-DX1", "TCGA-21-5786-01Z-00-DX1",  # liver
@@ -49,6 +58,7 @@ def _read_xy(csv_path: Path) -> np.ndarray:
 
 def monuseg(root: str | Path, split: str = "all") -> list[AnnotatedImage]:
     """MoNuSeg-train images; `split` is 'train' (16), 'held_out' (14) or 'all' (30)."""
+    _check_split(split)
     root = Path(root)
     out = []
     for path in sorted((root / "images").glob("*.tif")):
@@ -59,20 +69,77 @@ def monuseg(root: str | Path, split: str = "all") -> list[AnnotatedImage]:
         pts = _read_xy(root / "centroids" / f"train_{name}_from_masks.csv")
         label = root / "labels" / f"{name}.png"
         out.append(AnnotatedImage(name, path, MONUSEG_MPP, pts, label if label.is_file() else None))
-    if split not in ("train", "held_out", "all"):
-        raise ValueError(f"unknown split {split!r}")
     return out
 
 
-def crc_dev(root: str | Path) -> list[AnnotatedImage]:
-    """crc-dev: 50 colorectal images at 0.55 µm/px with hand-marked nucleus centres."""
-    root = Path(root)
+def _points_by_image(csv_path: Path) -> dict[str, np.ndarray]:
     by_image: dict[str, list[tuple[float, float]]] = {}
-    with open(root / "points.csv", newline="") as fh:
+    with open(csv_path, newline="") as fh:
         for r in csv.DictReader(fh):
             by_image.setdefault(r["image"], []).append((float(r["x"]), float(r["y"])))
-    images = sorted((root / "images").glob("*.png"), key=lambda p: int("".join(c for c in p.stem if c.isdigit()) or 0))
-    return [
-        AnnotatedImage(p.stem, p, CRC_MPP, np.asarray(by_image.get(p.stem, []), dtype=np.float64).reshape(-1, 2))
-        for p in images
-    ]
+    return {k: np.asarray(v, dtype=np.float64).reshape(-1, 2) for k, v in by_image.items()}
+
+
+def _number(stem: str) -> int:
+    return int("".join(c for c in stem if c.isdigit()) or 0)
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+
+
+def _numbered(root: Path, pattern: str, mpp: float, split: str, every: int) -> list[AnnotatedImage]:
+    """Images numbered 1…N, of which every `every`-th is held out: a fixed, spread-out share."""
+    _check_split(split)
+    points = _points_by_image(root / "points.csv")
+    out = []
+    for p in sorted((root / "images").glob(pattern), key=lambda p: _number(p.stem)):
+        held = _number(p.stem) % every == 0
+        if (split == "train" and held) or (split == "held_out" and not held):
+            continue
+        out.append(AnnotatedImage(p.stem, p, mpp, points.get(p.stem, np.zeros((0, 2)))))
+    return out
+
+
+def crc_dev(root: str | Path, split: str = "all") -> list[AnnotatedImage]:
+    """crc-dev: 50 colorectal images at 0.55 µm/px with hand-marked nucleus centres; every fifth held out."""
+    return _numbered(Path(root), "*.png", CRC_MPP, split, every=5)
+
+
+def consep(root: str | Path, split: str = "all") -> list[AnnotatedImage]:
+    """CoNSeP train: 27 dense colorectal images at 0.5 µm/px; every fourth (6 images) held out."""
+    return _numbered(Path(root), "*.png", CONSEP_MPP, split, every=4)
+
+
+def brca_m2c(root: str | Path, split: str = "all") -> list[AnnotatedImage]:
+    """BRCA-M2C: 120 breast images at 0.5 µm/px; held out = the authors' test split, train = their train + val."""
+    _check_split(split)
+    root = Path(root)
+    points = _points_by_image(root / "points.csv")
+    with open(root / "split.csv", newline="") as fh:
+        official = {r["image"]: r["split"] for r in csv.DictReader(fh)}
+    out = []
+    for name in sorted(official):
+        held = official[name] == "test"
+        if (split == "train" and held) or (split == "held_out" and not held):
+            continue
+        out.append(AnnotatedImage(name, root / "images" / f"{name}.jpg", BRCA_MPP, points.get(name, np.zeros((0, 2)))))
+    return out
+
+
+#: domain name → (folder under the shared data root, reader). Order is the order of every table.
+DOMAINS = {
+    "monuseg": ("monuseg-train", monuseg),
+    "crc": ("crc-dev", crc_dev),
+    "brca": ("brca-m2c", brca_m2c),
+    "consep": ("consep-train", consep),
+}
+
+
+def domain(name: str, data_root: str | Path, split: str = "all") -> list[AnnotatedImage]:
+    """The images of one domain's split, read from the shared data root."""
+    if name not in DOMAINS:
+        raise ValueError(f"unknown domain {name!r}; known: {', '.join(DOMAINS)}")
+    folder, reader = DOMAINS[name]
+    return reader(Path(data_root) / folder, split)

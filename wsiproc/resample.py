@@ -22,8 +22,13 @@ def rescale_rgb(rgb: np.ndarray, from_mpp: float, to_mpp: float) -> np.ndarray:
     h, w = rgb.shape[:2]
     out_w = max(1, int(round(w * from_mpp / to_mpp)))
     out_h = max(1, int(round(h * from_mpp / to_mpp)))
-    img = Image.fromarray(np.ascontiguousarray(rgb[..., :3]))
     box = (0.0, 0.0, out_w * to_mpp / from_mpp, out_h * to_mpp / from_mpp)
+    # Rounding the output size can make the box end up to half an output pixel past the image's edge, which
+    # Pillow refuses ("box can't exceed original image size"). Replicating the last row and column keeps the
+    # grid exact (no rescaling of the box) and gives those edge pixels the edge's colour.
+    pad_y, pad_x = max(0, int(np.ceil(box[3])) - h), max(0, int(np.ceil(box[2])) - w)
+    src = np.pad(rgb[..., :3], ((0, pad_y), (0, pad_x), (0, 0)), mode="edge") if pad_y or pad_x else rgb[..., :3]
+    img = Image.fromarray(np.ascontiguousarray(src))
     return np.asarray(img.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
 
 

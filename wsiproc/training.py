@@ -246,3 +246,131 @@ def train(
     final = load_model(last_ckpt) if last_ckpt.is_file() else model
     save_model(final, out_path)
     return state
+
+
+# --- Multi-domain training (four annotated domains, equal sampling, augmentation beyond the paper) ---------
+
+#: Stain vectors of haematoxylin, eosin and DAB (Ruifrok & Johnston), as rows in optical-density RGB.
+_HED_FROM_OD = None
+
+
+def _hed_matrices() -> tuple[np.ndarray, np.ndarray]:
+    global _HED_FROM_OD
+    if _HED_FROM_OD is None:
+        from skimage.color import hed_from_rgb, rgb_from_hed
+
+        _HED_FROM_OD = (np.asarray(hed_from_rgb, np.float32), np.asarray(rgb_from_hed, np.float32))
+    return _HED_FROM_OD
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation beyond the paper's hue shift and noise; each part can be switched off to measure it."""
+
+    hed_sigma: float = 0.05  # per-stain scale ~ 1 + N(0, σ) and shift ~ N(0, σ) in HED optical density (Tellez et al.)
+    brightness: float = 0.06  # additive, uniform ± this
+    contrast: float = 0.15  # multiplicative around the crop mean, uniform 1 ± this
+    blur_probability: float = 0.2  # Gaussian blur of σ 0.4–1.2 px: out-of-focus regions, 20× scans
+    mpp_range: tuple[float, float] = (0.45, 0.55)  # resolution jitter: the crop is read as if scanned at this µm/px
+    noise_sd: float = 0.01
+
+    @classmethod
+    def flips_only(cls) -> "AugmentConfig":
+        return cls(hed_sigma=0.0, brightness=0.0, contrast=0.0, blur_probability=0.0, mpp_range=(0.5, 0.5), noise_sd=0.0)
+
+
+def stain_jitter(rgb: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
+    """Perturb the amounts of haematoxylin, eosin and DAB: the colour variation between labs, as physics has it."""
+    if sigma <= 0:
+        return rgb
+    hed_from_rgb, rgb_from_hed = _hed_matrices()
+    od = -np.log(np.clip(rgb, 1e-3, 1.0))
+    hed = od.reshape(-1, 3) @ hed_from_rgb
+    hed = hed * (1.0 + rng.normal(0.0, sigma, 3)).astype(np.float32) + rng.normal(0.0, sigma, 3).astype(np.float32) * 0.2
+    return np.clip(np.exp(-(hed @ rgb_from_hed)), 0.0, 1.0).reshape(rgb.shape).astype(np.float32)
+
+
+def photometric(rgb: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) -> np.ndarray:
+    rgb = stain_jitter(rgb, rng, aug.hed_sigma)
+    if aug.contrast or aug.brightness:
+        mean = rgb.mean(axis=(0, 1), keepdims=True)
+        rgb = (rgb - mean) * rng.uniform(1 - aug.contrast, 1 + aug.contrast) + mean + rng.uniform(-aug.brightness, aug.brightness)
+    if aug.blur_probability and rng.random() < aug.blur_probability:
+        rgb = ndimage.gaussian_filter(rgb, sigma=(rng.uniform(0.4, 1.2),) * 2 + (0,))
+    if aug.noise_sd:
+        rgb = rgb + rng.normal(0.0, aug.noise_sd, rgb.shape)
+    return np.clip(rgb, 0.0, 1.0).astype(np.float32)
+
+
+def disk_targets_at(shape_hw: tuple[int, int], points_xy: np.ndarray, radius_px: float) -> np.ndarray:
+    """Disks of `radius_px` around sub-pixel points: pixels whose centre lies within the radius of a point."""
+    h, w = shape_hw
+    target = np.zeros((h, w), dtype=np.float32)
+    pts = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
+    if len(pts) == 0:
+        return target
+    r = int(np.ceil(radius_px)) + 1
+    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+    cx, cy = np.round(pts[:, 0]).astype(int), np.round(pts[:, 1]).astype(int)
+    xx, yy = cx[:, None] + dx.ravel(), cy[:, None] + dy.ravel()  # candidate pixels around each point
+    inside = (xx - pts[:, :1]) ** 2 + (yy - pts[:, 1:]) ** 2 <= radius_px**2
+    inside &= (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
+    target[yy[inside], xx[inside]] = 1.0
+    return target
+
+
+class DomainSampler:
+    """Seeded batches of crops from several annotated domains, each domain equally often.
+
+    Item k of a batch comes from domain k mod D, so a domain with 90 images weighs as much as one with 16;
+    inside a domain an image is drawn in proportion to its area. Each crop is read with a random scale
+    (resolution jitter), flip and right-angle turn, then recoloured (`photometric`); its target is drawn
+    after the geometric transform from the transformed points, so disks stay round and centred.
+    """
+
+    def __init__(self, domains: dict[str, Sequence[TrainingImage]], crop_px: int = 128, batch_size: int = 32,
+                 disk_radius_px: float = 4.0, augment: AugmentConfig | None = None, seed: int = 0):
+        self.names = [n for n, ims in domains.items() if ims]
+        if not self.names:
+            raise ValueError("no training images in any domain")
+        self.images = {n: list(domains[n]) for n in self.names}
+        self.weights = {n: np.array([im.rgb.shape[0] * im.rgb.shape[1] for im in ims], float) for n, ims in self.images.items()}
+        for n in self.names:
+            self.weights[n] /= self.weights[n].sum()
+        self.crop_px, self.batch_size, self.radius = crop_px, batch_size, disk_radius_px
+        self.augment = augment if augment is not None else AugmentConfig()
+        self.seed = seed
+
+    def crop(self, im: TrainingImage, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        from PIL import Image
+
+        s = self.crop_px
+        lo, hi = self.augment.mpp_range
+        zoom = MODEL_MPP / rng.uniform(lo, hi)  # >1: the crop is shown as if scanned coarser (objects smaller)
+        src = min(s * zoom, *im.rgb.shape[:2])  # source pixels spanned by the crop
+        zoom = src / s
+        h, w = im.rgb.shape[:2]
+        x0, y0 = rng.uniform(0, w - src), rng.uniform(0, h - src)  # the crop's top-left edge, continuous
+        rgb = np.asarray(Image.fromarray(im.rgb).resize((s, s), Image.Resampling.BILINEAR, box=(x0, y0, x0 + src, y0 + src)))
+        rgb = rgb.astype(np.float32) / 255.0
+        # Pixel-index u on the source sits at (u + 0.5 - x0) / zoom - 0.5 on the crop (edges aligned).
+        pts = (im.points_xy + 0.5 - (x0, y0)) / zoom - 0.5
+        pts = pts[(pts[:, 0] > -self.radius) & (pts[:, 0] < s + self.radius) & (pts[:, 1] > -self.radius) & (pts[:, 1] < s + self.radius)]
+        target = disk_targets_at((s, s), pts, self.radius)
+        rgb, target = flip_turn(rgb, target, rng)
+        return photometric(rgb, rng, self.augment), target
+
+    def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch, index])
+        s, b = self.crop_px, self.batch_size
+        x = np.empty((b, s, s, 3), np.float32)
+        y = np.empty((b, s, s, 1), np.float32)
+        first = int(rng.integers(len(self.names)))
+        for k in range(b):
+            name = self.names[(first + k) % len(self.names)]
+            im = self.images[name][int(rng.choice(len(self.images[name]), p=self.weights[name]))]
+            x[k], y[k, ..., 0] = self.crop(im, rng)
+        return x, y
+
+    def default_steps_per_epoch(self) -> int:
+        return 500
