@@ -77,7 +77,7 @@ def main() -> None:
 
     rows = [(f"components t={t}", lambda c, t=t: find_nuclei(c, t)) for t in (0.3, 0.4, 0.5, 0.6)]
     rows += [(f"peaks t={t} d={d} s={s}", lambda c, t=t, d=d, s=s: find_peaks(c, t, d, s))
-             for t in (0.2, 0.3, 0.4, 0.5) for d in (2, 3, 4) for s in (1.0,)]
+             for t in (0.3, 0.4, 0.5, 0.6) for d in (2, 3) for s in (1.0, 1.5)]
     for name, post in rows:
         sc = score(maps, args.data, post, args.split)
         cells = "  ".join(f"{d} {s.f1:.3f} ({s.precision:.2f}/{s.recall:.2f})" for d, s in sc.items())

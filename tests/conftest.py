@@ -17,7 +17,10 @@ def shared_data() -> Path:
     default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
     root = Path(os.environ.get("WSIPROC_SHARED_DATA", default))
     if not root.is_dir():
-        pytest.skip(f"shared data not found at {root}: real-data tests need ../shared/data")
+        message = f"shared data not found at {root}: real-data tests need ../shared/data"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # in CI a missing data folder is a broken set-up, not a reason to pass quietly
+        pytest.skip(message)
     return root
 
 

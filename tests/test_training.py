@@ -103,3 +103,34 @@ def test_evaluate_command_scores_result_csvs_against_annotations(tmp_path: Path,
     line = next(l for l in result.output.splitlines() if l.startswith("img1"))
     assert f" {len(kept)} " in line and "1.000" in line  # precision 1.000
     assert f"{len(kept) / len(truth):.3f}" in line  # recall
+
+
+def test_four_domain_training_of_a_lean_network_lowers_the_loss(tmp_path: Path, shared_data: Path) -> None:
+    """The shipped recipe in small: equal domain sampling, augmentation, a U-Net, on two real images per domain."""
+    import keras
+
+    from wsiproc.architectures import build
+    from wsiproc.training import DomainSampler
+
+    domains = {name: [TrainingImage.from_level0(a.name, a.read_rgb(), a.points_xy, a.mpp)
+                      for a in datasets.domain(name, shared_data, "train")[:2]] for name in datasets.DOMAINS}
+    sampler = DomainSampler(domains, crop_px=64, batch_size=8, seed=5)
+    x, y = sampler.batch(0, 0)
+    assert x.shape == (8, 64, 64, 3) and 0.02 < y.mean() < 0.4  # disks on nuclei, not everywhere
+    probe_x, probe_y = sampler.batch(99, 0)
+    keras.utils.set_random_seed(5)
+    model = build("unet")
+    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="binary_crossentropy")
+    before = float(model.evaluate(probe_x, probe_y, verbose=0))
+    for step in range(40):
+        model.train_on_batch(*sampler.batch(0, step))
+    after = float(model.evaluate(probe_x, probe_y, verbose=0))
+    assert after < before * 0.8, (before, after)
+
+
+def test_each_domain_has_a_fixed_held_out_part(shared_data: Path) -> None:
+    counts = {n: (len(datasets.domain(n, shared_data, "train")), len(datasets.domain(n, shared_data, "held_out")))
+              for n in datasets.DOMAINS}
+    assert counts == {"monuseg": (16, 14), "crc": (40, 10), "brca": (90, 30), "consep": (21, 6)}
+    held = {a.name for a in datasets.domain("crc", shared_data, "held_out")}
+    assert held == {f"img{i}" for i in range(5, 51, 5)}

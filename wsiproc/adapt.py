@@ -69,7 +69,7 @@ def mine_slide(path: Path, run_cfg: RunConfig, predictor: Predictor, cfg: AdaptC
     slide = open_slide(path, run_cfg.mpp)
     try:
         sampler = SlideSampler.for_slide(slide, run_cfg.model_mpp)
-        grid, tiles, info, _ = plan_tiles(sampler, run_cfg)
+        grid, tiles, info, _ = plan_tiles(sampler, run_cfg, getattr(predictor, "geometry", None))
         blocks = halo_tiles(sampler, grid)
         rng = np.random.default_rng(seed)
         half = cfg.block_px // 2

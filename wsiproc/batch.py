@@ -30,8 +30,8 @@ from .inference import Predictor
 from .pipeline import ProgressFn, run_slide
 
 #: Parameters that change what a run writes; the others (workers, batch size, strictness) do not.
-OUTPUT_PARAMETERS = ("model_mpp", "mpp", "tile_px", "halo_px", "threshold", "merge_radius_um", "tissue_mask",
-                     "density_cell_um", "geojson_gz", "precision")
+OUTPUT_PARAMETERS = ("model_mpp", "mpp", "tile_px", "halo_px", "threshold", "postprocess", "min_distance_um",
+                     "smooth_sigma_um", "merge_radius_um", "tissue_mask", "density_cell_um", "geojson_gz", "precision")
 
 
 @dataclass

@@ -34,14 +34,23 @@ def main() -> None:
 @click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--sample", is_flag=True, help="Add the bundled sample slide (CMU-1-Small-Region.svs) to the inputs.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
-@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), help="A .keras model, or a .tflite from `wsiproc quantize` (default: the shipped one).")
+@click.option("--model", "model_path", type=str, help="A shipped model by name (default, paper, lean, unet: see the model card), "
+              "a .keras file, or an OpenVINO .xml from `wsiproc quantize` (default: the shipped default).")
 @click.option("--mpp", type=float, help="Pixel size in µm/px, overriding the file's (needed for plain images).")
 @click.option("--tile-px", type=int, default=RunConfig.tile_px, show_default=True, help="Tile core side at 0.5 µm/px.")
-@click.option("--halo-px", type=int, default=RunConfig.halo_px, show_default=True, help="Context around each tile at 0.5 µm/px.")
+@click.option("--halo-px", type=int, default=RunConfig.halo_px, help="Context around each tile at 0.5 µm/px (default: what the model and post-processing need).")
 @click.option("--batch-size", type=int, default=RunConfig.batch_size, show_default=True, help="Tiles per model call (halved automatically on GPU out-of-memory).")
-@click.option("--precision", type=click.Choice(["auto", "float32", "mixed_float16"]), default=RunConfig.precision, show_default=True,
-              help="auto: mixed float16 on a GPU, float32 on the CPU.")
+@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "int8", "mixed_float16"]), default=RunConfig.precision,
+              show_default=True, help="auto: on a CPU, a validated int8 model beside the .keras, else bfloat16 where the CPU has it, "
+                                      "else float32; on a GPU, mixed float16. `wsiproc engines` shows what this machine uses.")
+@click.option("--engine", type=click.Choice(["auto", "openvino", "tensorflow"]), default=RunConfig.engine, show_default=True,
+              help="auto: OpenVINO on a CPU, TensorFlow on a GPU.")
 @click.option("--threshold", type=float, default=RunConfig.threshold, show_default=True, help="Confidence threshold.")
+@click.option("--postprocess", type=click.Choice(["peaks", "components"]), default=RunConfig.postprocess, show_default=True,
+              help="peaks: local maxima of the smoothed confidence (separates touching nuclei); components: the paper's "
+                   "threshold + connected components.")
+@click.option("--min-distance-um", type=float, default=RunConfig.min_distance_um, show_default=True,
+              help="peaks: nuclei closer than this are one.")
 @click.option("--no-tissue-mask", is_flag=True, help="Send every tile to the model, background included.")
 @click.option("--density-cell-um", type=float, default=RunConfig.density_cell_um, show_default=True)
 @click.option("--geojson-gz", is_flag=True, help="Write <stem>.geojson.gz instead of <stem>.geojson.")
@@ -58,7 +67,7 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the final summary.")
 @click.pass_context
 def run(ctx: click.Context, inputs: tuple[Path, ...], sample: bool, out_dir: Path, model_path: Path | None, mpp: float | None, tile_px: int, halo_px: int,
-        batch_size: int, precision: str, threshold: float, no_tissue_mask: bool, density_cell_um: float, geojson_gz: bool,
+        batch_size: int, precision: str, engine: str, threshold: float, postprocess: str, min_distance_um: float, no_tissue_mask: bool, density_cell_um: float, geojson_gz: bool,
         config_file: Path | None, strict: bool, resume: bool, scheduler: str | None, workers: int, claim_timeout: str,
         quiet: bool) -> None:
     """Detect nuclei in every INPUT and write <stem>.csv, .geojson, _density.tiff/.png and .json to --out.
@@ -74,12 +83,19 @@ def run(ctx: click.Context, inputs: tuple[Path, ...], sample: bool, out_dir: Pat
 
     from .config import load_config_file
 
+    from .model import resolve_model_path
+
+    try:
+        model_file = str(resolve_model_path(model_path)) if model_path else None
+    except ValueError as exc:
+        _fail_usage(str(exc))
     options = {
-        "model_path": ("model_path", str(model_path) if model_path else None), "mpp": ("mpp", mpp),
+        "model_path": ("model_path", model_file), "mpp": ("mpp", mpp),
         "tile_px": ("tile_px", tile_px), "halo_px": ("halo_px", halo_px), "batch_size": ("batch_size", batch_size),
         "threshold": ("threshold", threshold), "tissue_mask": ("no_tissue_mask", not no_tissue_mask),
+        "postprocess": ("postprocess", postprocess), "min_distance_um": ("min_distance_um", min_distance_um),
         "density_cell_um": ("density_cell_um", density_cell_um), "geojson_gz": ("geojson_gz", geojson_gz),
-        "strict": ("strict", strict), "precision": ("precision", precision),
+        "strict": ("strict", strict), "precision": ("precision", precision), "engine": ("engine", engine),
     }
     try:
         values = load_config_file(config_file) if config_file else {}
@@ -105,7 +121,7 @@ def run(ctx: click.Context, inputs: tuple[Path, ...], sample: bool, out_dir: Pat
     from .inference import Predictor
 
     try:
-        predictor = Predictor(cfg.model_path, precision=cfg.precision)
+        predictor = Predictor(cfg.model_path, precision=cfg.precision, engine=cfg.engine)
     except (FileNotFoundError, ValueError) as exc:
         _fail_usage(str(exc))
     bars: list = []
@@ -264,7 +280,10 @@ def _read_annotations(spec: str) -> dict:
 @click.option("--points", "points_spec", required=True, help="Annotations: file, folder or glob (CSV, CellCounter XML, ImageScope XML, label maps, GeoJSON).")
 @click.option("--mpp", type=float, required=True, help="Pixel size of the images in µm/px.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--init-vgg16", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Local Keras VGG-16 weights file for blocks 1–2.")
+@click.option("--arch", type=click.Choice(["paper", "vgg-lean", "unet", "unet32"]), default="paper", show_default=True,
+              help="Network to train from scratch (see the model card); ignored with --init-model.")
+@click.option("--init-vgg16", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="ImageNet VGG-16 block 1–2 weights (.npz, torchvision's, as in ../shared/data/vgg16-imagenet); paper and vgg-lean.")
 @click.option("--freeze-vgg", is_flag=True, help="Keep the VGG-16 layers fixed (as in the paper, with --init-vgg16).")
 @click.option("--init-model", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Start from this .keras model's weights.")
 @click.option("--epochs", type=int, default=2, show_default=True)
@@ -275,7 +294,7 @@ def _read_annotations(spec: str) -> dict:
 @click.option("--background-fraction", type=float, default=0.25, show_default=True, help="Share of blocks at random positions.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), help="Checkpoint folder (default: <out>_checkpoints); rerun to resume.")
-def train(images_spec: str, points_spec: str, mpp: float, out_path: Path, init_vgg16: Path | None, freeze_vgg: bool,
+def train(images_spec: str, points_spec: str, mpp: float, out_path: Path, arch: str, init_vgg16: Path | None, freeze_vgg: bool,
           init_model: Path | None, epochs: int,
           steps_per_epoch: int | None, block_px: int, batch_size: int, lr: float, background_fraction: float, seed: int, work: Path | None) -> None:
     """Train a detector on annotated images (the paper's recipe); resumes from the last checkpoint."""
@@ -284,8 +303,10 @@ def train(images_spec: str, points_spec: str, mpp: float, out_path: Path, init_v
     from .training import TrainConfig, TrainingImage
     from .training import train as run_training
 
-    if block_px % 4 or block_px < 16:
-        _fail_usage(f"--block-px must be a multiple of 4 and at least 16 (got {block_px})")
+    if block_px % 8 or block_px < 16:
+        _fail_usage(f"--block-px must be a multiple of 8 and at least 16 (got {block_px})")
+    if init_vgg16 is not None and arch not in ("paper", "vgg-lean"):
+        _fail_usage(f"--init-vgg16 needs a network with a VGG stem (paper, vgg-lean), not {arch}")
     if freeze_vgg and init_vgg16 is None:
         _fail_usage("--freeze-vgg needs --init-vgg16: frozen random layers learn nothing")
     image_files = _expand(images_spec, PLAIN_IMAGE_SUFFIXES)
@@ -308,7 +329,7 @@ def train(images_spec: str, points_spec: str, mpp: float, out_path: Path, init_v
     n_points = sum(len(s.points_xy) for s in samples)
     click.echo(f"training on {len(samples)} images, {n_points} annotated nuclei")
     cfg = TrainConfig(block_px=block_px, batch_size=batch_size, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                      learning_rate=lr, background_fraction=background_fraction, freeze_vgg=freeze_vgg, seed=seed)
+                      learning_rate=lr, background_fraction=background_fraction, freeze_vgg=freeze_vgg, seed=seed, arch=arch)
     state = run_training(samples, out_path, cfg, checkpoint_dir=work, vgg16_weights=init_vgg16,
                          init_model=init_model, verbose=1)
     losses = [h["loss"] for h in state["history"]]
@@ -427,33 +448,82 @@ def explain(slide_path: Path, n_nuclei: int, out_dir: Path, model_path: Path | N
 
 @main.command()
 @click.argument("model_path", metavar="MODEL.keras", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--calibration", "calibration_spec", required=True,
-              help="H&E images (file, folder or glob) like those to be run: the int8 ranges are calibrated on crops of them.")
-@click.option("--mpp", type=float, required=True, help="Pixel size of the calibration images in µm/px.")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The int8 .tflite file.")
-@click.option("--crops", "n_crops", type=click.IntRange(min=1), default=48, show_default=True, help="Calibration crops in all.")
+@click.option("--domains", "domains_root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Calibrate on the training images of every domain under this data root (e.g. ../shared/data).")
+@click.option("--calibration", "calibration_spec",
+              help="Or calibrate on these H&E images (file, folder or glob) like those to be run; needs --mpp.")
+@click.option("--mpp", type=float, help="Pixel size of the --calibration images in µm/px.")
+@click.option("--validate", "validate_root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Score float32 and int8 on every domain's held-out images under this data root and record it: "
+                   "--precision auto picks the int8 model only if its F1 loss is <= 0.005 on each.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="The int8 model, .xml (+ .bin beside it); default MODEL.int8.xml, where `wsiproc run` looks for it.")
+@click.option("--crops", "n_crops", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration crops in all.")
 @click.option("--crop-px", type=int, default=128, show_default=True, help="Calibration crop side at 0.5 µm/px.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def quantize(model_path: Path, calibration_spec: str, mpp: float, out_path: Path, n_crops: int, crop_px: int, seed: int) -> None:
-    """Experimental: convert MODEL.keras to an int8 .tflite for `wsiproc run --model X.tflite` (see benchmarks/precision.py)."""
-    from .quantize import crops_from_files, quantize_model, sidecar_path
+def quantize(model_path: Path, domains_root: Path | None, calibration_spec: str | None, mpp: float | None, validate_root: Path | None,
+             out_path: Path | None, n_crops: int, crop_px: int, seed: int) -> None:
+    """Convert MODEL.keras to an OpenVINO int8 model (NNCF post-training quantisation) that `wsiproc run` uses."""
+    from .engines import int8_path_for
+    from .quantize import crops_from_files, domain_crops, quantize_model, record_validation, sidecar_path, validate
     from .slide import PLAIN_IMAGE_SUFFIXES
 
-    if out_path.suffix.lower() != ".tflite":
-        _fail_usage(f"{out_path}: the output must end in .tflite (the suffix selects the backend in `wsiproc run`)")
-    if not 0 < mpp < 100:
-        _fail_usage(f"--mpp must be a pixel size in µm/px (got {mpp})")
-    images = _expand(calibration_spec, PLAIN_IMAGE_SUFFIXES)
-    if not images:
-        _fail_usage(f"{calibration_spec}: no calibration images found")
+    out_path = out_path or int8_path_for(model_path)
+    if out_path.suffix.lower() != ".xml":
+        _fail_usage(f"{out_path}: the output must end in .xml (OpenVINO writes the weights beside it as .bin)")
+    if (domains_root is None) == (calibration_spec is None):
+        _fail_usage("give either --domains DATA_ROOT or --calibration IMAGES --mpp X")
     try:
-        crops = crops_from_files(images, mpp, n_crops=n_crops, crop_px=crop_px, seed=seed)
-        quantize_model(model_path, crops, out_path)
-    except (ValueError, OSError) as exc:
-        click.echo(str(exc).strip().splitlines()[0] if str(exc).strip() else f"{model_path}: {type(exc).__name__}", err=True)
+        if domains_root is not None:
+            crops = domain_crops(domains_root, n_crops=n_crops, crop_px=crop_px, seed=seed)
+            source = {"domains": str(domains_root)}
+        else:
+            if mpp is None or not 0 < mpp < 100:
+                _fail_usage(f"--calibration needs --mpp, the images' pixel size in µm/px (got {mpp})")
+            images = _expand(calibration_spec, PLAIN_IMAGE_SUFFIXES)
+            if not images:
+                _fail_usage(f"{calibration_spec}: no calibration images found")
+            crops = crops_from_files(images, mpp, n_crops=n_crops, crop_px=crop_px, seed=seed)
+            source = {"images": len(images)}
+        quantize_model(model_path, crops, out_path, calibration=source)
+        click.echo(f"saved {out_path} (int8, calibrated on {len(crops)} crops of {crop_px} px"
+                   + (f" from {source['images']} images)" if "images" in source else " from the training domains)")
+                   + f"; provenance in {sidecar_path(out_path)}")
+        if validate_root is not None:
+            result = validate(model_path, out_path, validate_root, echo=lambda line: click.echo(line, err=True))
+            record_validation(out_path, result)
+            click.echo(f"validation: {'passed' if result['passed'] else 'FAILED'} (F1 loss <= {result['tolerance']} on every "
+                       f"held-out domain); {'--precision auto uses it' if result['passed'] else 'auto will not use it'}")
+    except (ValueError, OSError, RuntimeError) as exc:  # messages name their file; NNCF's and OpenVINO's may not
+        message = problem(exc)
+        click.echo(message if ": " in message else f"{model_path}: {message}", err=True)
         sys.exit(1)
-    click.echo(f"saved {out_path} (int8, calibrated on {len(crops)} crops of {crop_px} px from {len(images)} images); "
-               f"provenance in {sidecar_path(out_path)}")
+
+
+@main.command()
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), help="A .keras or .xml model (default: the shipped one).")
+@click.option("--engine", type=click.Choice(["auto", "openvino", "tensorflow"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "int8", "mixed_float16"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def engines(model_path: Path | None, engine: str, precision: str, as_json: bool) -> None:
+    """What this machine will run: engine, precision and why, CPU flags, OpenVINO version, what else is available."""
+    from .engines import report
+    from .model import DEFAULT_MODEL_PATH
+
+    info = report(model_path or DEFAULT_MODEL_PATH, engine, precision)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    choice = info.pop("choice")
+    available = info.pop("available")
+    for key, value in info.items():
+        click.echo(f"{key:>22}: {', '.join(value) if isinstance(value, list) else value}")
+    if "error" in choice:
+        click.echo(f"{'will run':>22}: cannot run: {choice['error']}")
+    else:
+        click.echo(f"{'will run':>22}: {choice['engine']} {choice['precision']} on the {choice['device']} ({choice['reason']})")
+    for name, state in available.items():
+        click.echo(f"{name:>22}: {state}")
 
 
 if __name__ == "__main__":

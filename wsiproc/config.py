@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .errors import problem
 from .model import MODEL_MPP, RECEPTIVE_RADIUS_PX, SIZE_MULTIPLE_PX
+from .postprocess import POSTPROCESSES, Postprocess
 
 
 @dataclass
@@ -14,27 +15,37 @@ class RunConfig:
     mpp: float | None = None  # overrides the slide's stored µm/px
     model_mpp: float = MODEL_MPP
     tile_px: int = 512  # tile core side at model_mpp
-    halo_px: int = RECEPTIVE_RADIUS_PX
+    halo_px: int | None = None  # None: the model's receptive radius plus the post-processing's reach (see halo_for)
     batch_size: int = 4
     threshold: float = 0.5
+    postprocess: str = "peaks"  # peaks: local maxima of the smoothed map (separates touching nuclei); components: the paper's rule
+    min_distance_um: float = 1.0  # peaks: two maxima closer than this are one nucleus
+    smooth_sigma_um: float = 0.5  # peaks: Gaussian smoothing of the confidence map before the maxima are taken
     merge_radius_um: float = 2.0
     tissue_mask: bool = True
     density_cell_um: float = 50.0
     geojson_gz: bool = False
     io_workers: int = 2
     strict: bool = False  # a tile that cannot be decoded fails the slide (default: skipped and reported)
-    precision: str = "auto"  # auto: mixed float16 on a GPU, float32 on the CPU; or float32 / mixed_float16
+    precision: str = "auto"  # auto | float32 | bfloat16 | int8 | mixed_float16 (see wsiproc.engines.resolve)
+    engine: str = "auto"  # auto (OpenVINO on a CPU, TensorFlow on a GPU) | openvino | tensorflow
 
     def validate(self) -> "RunConfig":
         problems = []
         if self.tile_px <= 0 or self.tile_px % SIZE_MULTIPLE_PX:
             problems.append(f"tile_px must be a positive multiple of {SIZE_MULTIPLE_PX} (got {self.tile_px})")
-        if self.halo_px < RECEPTIVE_RADIUS_PX or self.halo_px % SIZE_MULTIPLE_PX:
-            problems.append(f"halo_px must be a multiple of {SIZE_MULTIPLE_PX} and >= {RECEPTIVE_RADIUS_PX} (got {self.halo_px})")
+        if self.halo_px is not None and (self.halo_px < 0 or self.halo_px % SIZE_MULTIPLE_PX):
+            problems.append(f"halo_px must be a non-negative multiple of {SIZE_MULTIPLE_PX} (got {self.halo_px})")
+        if self.postprocess not in POSTPROCESSES:
+            problems.append(f"postprocess must be one of {', '.join(POSTPROCESSES)} (got {self.postprocess!r})")
+        if self.min_distance_um <= 0 or self.smooth_sigma_um < 0:
+            problems.append(f"min_distance_um must be > 0 and smooth_sigma_um >= 0 (got {self.min_distance_um}, {self.smooth_sigma_um})")
         if not 0.0 < self.threshold < 1.0:
             problems.append(f"threshold must lie in (0, 1) (got {self.threshold})")
-        if self.precision not in ("auto", "float32", "mixed_float16"):
-            problems.append(f"precision must be auto, float32 or mixed_float16 (got {self.precision!r})")
+        if self.precision not in ("auto", "float32", "bfloat16", "int8", "mixed_float16"):
+            problems.append(f"precision must be auto, float32, bfloat16, int8 or mixed_float16 (got {self.precision!r})")
+        if self.engine not in ("auto", "openvino", "tensorflow"):
+            problems.append(f"engine must be auto, openvino or tensorflow (got {self.engine!r})")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
         if self.density_cell_um <= 0:
@@ -46,6 +57,21 @@ class RunConfig:
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def postprocessor(self) -> Postprocess:
+        return Postprocess.from_um(self.postprocess, self.threshold, self.min_distance_um, self.smooth_sigma_um, self.model_mpp)
+
+    def halo_for(self, geometry: dict) -> int:
+        """The halo a tile needs with this model: given, or the receptive radius plus the post-processing's
+        reach, rounded up to the model's size multiple (at least the paper network's 32 px, as before)."""
+        multiple = int(geometry.get("size_multiple_px") or SIZE_MULTIPLE_PX)
+        if self.halo_px is not None:
+            if self.halo_px % multiple:
+                raise ValueError(f"halo_px must be a multiple of {multiple} for this model (got {self.halo_px})")
+            return self.halo_px
+        radius = int(geometry.get("receptive_radius_px") or RECEPTIVE_RADIUS_PX)
+        need = radius + self.postprocessor().reach_px
+        return max(RECEPTIVE_RADIUS_PX if multiple == SIZE_MULTIPLE_PX else 0, -(-need // multiple) * multiple)
 
     def to_dict(self) -> dict:
         return asdict(self)

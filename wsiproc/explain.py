@@ -272,7 +272,6 @@ def explain_slide(path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
 
 def _detect_sample_region(slide, cfg, predictor, region_px: int | None, seed: int):
     """Detections (level-0 x, y) in one random tissue region, or on the whole slide when it is small."""
-    from .postprocess import find_nuclei
     from .resample import map_coords
     from .tiling import SlideSampler
     from .tissue import tissue_mask
@@ -284,7 +283,9 @@ def _detect_sample_region(slide, cfg, predictor, region_px: int | None, seed: in
 
         det = detect(slide, cfg, predictor).detections
         return np.asarray(det.x_px), np.asarray(det.y_px), None
-    side = max(BLOCK_PX, int(region_px) // 4 * 4)
+    geometry = getattr(predictor, "geometry", None) or {}
+    multiple = int(geometry.get("size_multiple_px") or 4)
+    side = max(BLOCK_PX, int(region_px) // multiple * multiple)
     mask = tissue_mask(sampler)
     ys, xs = np.nonzero(mask.mask)
     rng = np.random.default_rng(seed)
@@ -295,9 +296,9 @@ def _detect_sample_region(slide, cfg, predictor, region_px: int | None, seed: in
         cy, cx = h / 2, w / 2
     y0 = int(np.clip(round(cy - side / 2), 0, max(0, h - side)))
     x0 = int(np.clip(round(cx - side / 2), 0, max(0, w - side)))
-    halo = cfg.halo_px
+    halo = cfg.halo_for(geometry)
     tile = sampler.read(y0 - halo, x0 - halo, side + 2 * halo, side + 2 * halo)
-    found = find_nuclei(predictor(tile[None])[0], cfg.threshold)
+    found = cfg.postprocessor()(predictor(tile[None])[0])
     keep = (found.y >= halo) & (found.y < halo + side) & (found.x >= halo) & (found.x < halo + side)
     mpp0 = slide.require_mpp()
     x = map_coords(found.x[keep] - halo + x0, cfg.model_mpp, mpp0)

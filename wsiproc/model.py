@@ -22,50 +22,44 @@ MODEL_MPP = 0.5
 SIZE_MULTIPLE_PX = 4
 #: Half the receptive field, rounded up to a multiple of 4: the halo a tile needs for seamless output.
 RECEPTIVE_RADIUS_PX = 32
-VGG_LAYER_NAMES = ("block1_conv1", "block1_conv2", "block2_conv1", "block2_conv2")
 
-DEFAULT_MODEL_PATH = Path(__file__).parent / "models" / "default.keras"
+MODELS_DIR = Path(__file__).parent / "models"
+DEFAULT_MODEL_PATH = MODELS_DIR / "default.keras"
+#: Shipped models by name (see models/README.md, the model card): `--model NAME`.
+SHIPPED_MODELS = {
+    "default": DEFAULT_MODEL_PATH,
+    "paper": MODELS_DIR / "default.keras",  # the default is the paper's network, retrained on four domains
+    "lean": MODELS_DIR / "lean.keras",  # vgg-lean: VGG stem, separable head, skips
+    "unet": MODELS_DIR / "unet.keras",  # plain 4-level U-Net of width 16
+}
 
 
-def build_model(dropout: float = 0.5, vgg16_weights: str | Path | None = None, freeze_vgg: bool = False) -> keras.Model:
-    """Build the paper's network.
+def resolve_model_path(name_or_path: str | Path | None) -> Path:
+    """A shipped model's name, or a path to a model file, as a path (None: the default)."""
+    if name_or_path is None:
+        return DEFAULT_MODEL_PATH
+    if str(name_or_path) in SHIPPED_MODELS:
+        return SHIPPED_MODELS[str(name_or_path)]
+    path = Path(name_or_path)
+    if path.suffix.lower() not in (".keras", ".xml", ".tflite") and not path.is_file():
+        raise ValueError(f"{name_or_path}: neither a model file nor a shipped model ({', '.join(SHIPPED_MODELS)})")
+    return path
 
-    `vgg16_weights` is a local Keras VGG-16 weights file (``vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5``);
-    ImageNet weights cannot be downloaded at run time here, so without it every layer starts random and is trained.
+
+def build_model(dropout: float = 0.5, vgg16_weights: str | Path | None = None, freeze_vgg: bool = False,
+                arch: str = "paper") -> keras.Model:
+    """Build a network by name (`wsiproc.architectures`; default the paper's).
+
+    `vgg16_weights` is the ImageNet VGG-16 block 1–2 `.npz` (torchvision's weights, see
+    ../shared/data/vgg16-imagenet); their input normalisation is folded into the first convolution, so the
+    network keeps taking RGB in [0, 1]. Only networks with the VGG stem (paper, vgg-lean) take them.
     """
-    inputs = keras.Input(shape=(None, None, 3), name="rgb")
-    x = inputs
-    x = layers.Conv2D(64, 3, padding="same", activation="relu", name="block1_conv1")(x)
-    x = layers.Conv2D(64, 3, padding="same", activation="relu", name="block1_conv2")(x)
-    x = layers.MaxPooling2D(2, name="block1_pool")(x)
-    x = layers.Conv2D(128, 3, padding="same", activation="relu", name="block2_conv1")(x)
-    x = layers.Conv2D(128, 3, padding="same", activation="relu", name="block2_conv2")(x)
-    x = layers.MaxPooling2D(2, name="block2_pool")(x)
-    x = layers.Conv2D(512, 3, padding="same", activation="relu", name="conv3_1")(x)
-    x = layers.Conv2D(512, 3, padding="same", activation="relu", name="conv3_2")(x)
-    x = layers.Dropout(dropout, name="dropout_1")(x)
-    x = layers.Conv2D(512, 3, padding="same", activation="relu", name="conv4_1")(x)
-    x = layers.Conv2D(512, 3, padding="same", activation="relu", name="conv4_2")(x)
-    x = layers.Dropout(dropout, name="dropout_2")(x)
-    x = layers.UpSampling2D(2, name="up_1")(x)
-    x = layers.UpSampling2D(2, name="up_2")(x)
-    outputs = layers.Conv2D(1, 3, padding="same", activation="sigmoid", name="confidence", dtype="float32")(x)
-    model = keras.Model(inputs, outputs, name="valkonen_nuclei")
+    from . import architectures
+
+    model = architectures.build(arch, dropout=dropout) if arch in ("paper", "vgg-lean") else architectures.build(arch)
     if vgg16_weights is not None:
-        load_vgg16_weights(model, vgg16_weights)
-    for name in VGG_LAYER_NAMES:
-        model.get_layer(name).trainable = not freeze_vgg
+        architectures.load_vgg16_npz(model, vgg16_weights, freeze=freeze_vgg)
     return model
-
-
-def load_vgg16_weights(model: keras.Model, weights_file: str | Path) -> None:
-    """Copy ImageNet VGG-16 block1–2 weights from a local Keras weights file into `model`."""
-    weights_file = Path(weights_file)
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"{weights_file}: VGG-16 weights file not found")
-    vgg = keras.applications.VGG16(include_top=False, weights=str(weights_file), input_shape=(None, None, 3))
-    for name in VGG_LAYER_NAMES:
-        model.get_layer(name).set_weights(vgg.get_layer(name).get_weights())
 
 
 def load_model(path: str | Path | None = None) -> keras.Model:
@@ -74,13 +68,37 @@ def load_model(path: str | Path | None = None) -> keras.Model:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
     try:
-        return keras.models.load_model(path, compile=False, safe_mode=True)
+        model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # keras raises many types for a bad archive
         raise ValueError(f"{path}: not a loadable .keras model ({exc.__class__.__name__}: {exc})") from exc
+    if any(_stored_float16(layer) for layer in model.layers):
+        model = with_dtype(model, "float32")  # stored as float16 to halve the file; computed in float32
+    return model
 
 
-def save_model(model: keras.Model, path: str | Path) -> Path:
-    """Save atomically: a crash never leaves a truncated `.keras` file under the final name."""
+def _stored_float16(layer) -> bool:
+    return bool(layer.weights) and str(layer.weights[0].dtype) == "float16"
+
+
+def with_dtype(model: keras.Model, dtype: str) -> keras.Model:
+    """The same layers and weights with another dtype policy ("float16" to store, "float32" to compute)."""
+
+    def clone(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": dtype})
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    target = "float16" if dtype == "float16" else "float32"
+    copy.set_weights([np.asarray(w).astype(target) for w in model.get_weights()])
+    return copy
+
+
+def save_model(model: keras.Model, path: str | Path, float16: bool = False) -> Path:
+    """Save atomically: a crash never leaves a truncated `.keras` file under the final name.
+
+    `float16` stores the weights in half precision (half the file; `load_model` computes in float32 again):
+    for shipped models, where the F1 measured with the float16 file is the F1 reported."""
+    if float16:
+        model = with_dtype(model, "float16")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.partial.keras")

@@ -24,7 +24,7 @@ from .detections import Detections
 from .errors import problem
 from .inference import Predictor
 from .model import SIZE_MULTIPLE_PX
-from .postprocess import find_nuclei
+from .postprocess import Postprocess
 from .resample import map_coords
 from .slide import Slide, SlideError, open_slide
 from .stitch import keep_core, merge_across_tiles
@@ -46,15 +46,20 @@ class SlideDetections:
 SMALL_IMAGE_FACTOR = 1.25
 
 
-def plan_tiles(sampler: SlideSampler, cfg: RunConfig) -> tuple[TileGrid, list[tuple[int, int]], dict, TissueMask | None]:
+def plan_tiles(sampler: SlideSampler, cfg: RunConfig, geometry: dict | None = None) -> tuple[TileGrid, list[tuple[int, int]], dict, TissueMask | None]:
     """The tile grid, the tiles worth computing (those touching tissue, unless the mask is off), counts and
-    warnings, and the tissue mask itself (None when off or unreadable)."""
+    warnings, and the tissue mask itself (None when off or unreadable). `geometry` is the model's
+    (`Predictor.geometry`): its size multiple and receptive radius set the grid's multiple and halo."""
+    geometry = geometry or {}
+    multiple = int(geometry.get("size_multiple_px") or SIZE_MULTIPLE_PX)
+    if cfg.tile_px % multiple:
+        raise ValueError(f"tile_px must be a multiple of {multiple} for this model (got {cfg.tile_px})")
     h, w = sampler.shape_hw()
     # An image up to a quarter larger than one tile (annotated crops, small regions) gets one tile of its own
     # size: same output, and one model call instead of four mostly-padding ones.
-    side_px = -(-max(h, w) // SIZE_MULTIPLE_PX) * SIZE_MULTIPLE_PX
+    side_px = -(-max(h, w) // multiple) * multiple
     tile_px = side_px if side_px <= SMALL_IMAGE_FACTOR * cfg.tile_px else cfg.tile_px
-    grid = TileGrid(h, w, tile_px, cfg.halo_px)
+    grid = TileGrid(h, w, tile_px, cfg.halo_for(geometry), multiple)
     info: dict = {"tiles_total": len(grid), "warnings": []}
     mask = None
     if cfg.tissue_mask:
@@ -95,10 +100,10 @@ def read_tile(blocks, rc: tuple[int, int], strict: bool, path: Path) -> tuple[np
         return None, {"row": rc[0], "col": rc[1], "error": problem(exc)}
 
 
-def _nuclei_of_tiles(grid: TileGrid, tiles: list[tuple[int, int]], conf: np.ndarray, threshold: float) -> tuple[list, float]:
+def _nuclei_of_tiles(grid: TileGrid, tiles: list[tuple[int, int]], conf: np.ndarray, post: Postprocess) -> tuple[list, float]:
     """Post-processing of one batch's confidence maps: per tile (row, col, y, x, confidence, area_px) in its core."""
     t0 = time.perf_counter()
-    found = [(r, c, *keep_core(find_nuclei(tile_conf, threshold), grid, r, c)) for (r, c), tile_conf in zip(tiles, conf)]
+    found = [(r, c, *keep_core(post(tile_conf), grid, r, c)) for (r, c), tile_conf in zip(tiles, conf)]
     return found, time.perf_counter() - t0
 
 
@@ -122,7 +127,7 @@ def _remote_batch(sampler: SlideSampler, grid: TileGrid, tiles: list[tuple[int, 
     if not ok:
         return [], failures, 0.0, 0.0
     conf, t_pred = _predict(worker_predictor(model_path, cfg.precision), [img for _, img in ok])
-    found, t_post = _nuclei_of_tiles(grid, [rc for rc, _ in ok], conf, cfg.threshold)
+    found, t_post = _nuclei_of_tiles(grid, [rc for rc, _ in ok], conf, cfg.postprocessor())
     return found, failures, t_pred, t_post
 
 
@@ -154,7 +159,7 @@ def _local_batches(slide: Slide, sampler: SlideSampler, grid: TileGrid, batches:
                 post.append((len(batch), pool.submit(lambda: ([], 0.0)), failures, 0.0))
             else:
                 conf, t_pred = _predict(predictor, [img for _, img in ok])
-                post.append((len(batch), pool.submit(_nuclei_of_tiles, grid, [rc for rc, _ in ok], conf, cfg.threshold), failures, t_pred))
+                post.append((len(batch), pool.submit(_nuclei_of_tiles, grid, [rc for rc, _ in ok], conf, cfg.postprocessor()), failures, t_pred))
             while len(post) > 1:
                 yield finished()
         while post:
@@ -179,7 +184,7 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
     """
     t_start = time.perf_counter()
     sampler = SlideSampler.for_slide(slide, cfg.model_mpp)
-    grid, tiles, stats, mask = plan_tiles(sampler, cfg)
+    grid, tiles, stats, mask = plan_tiles(sampler, cfg, getattr(predictor, "geometry", None))
     stats["tile_mask_s"] = round(time.perf_counter() - t_start, 3)
     batches = list(batched(tiles, cfg.batch_size))
     source = (_distributed_batches(client, sampler, grid, batches, cfg, predictor) if client is not None
@@ -217,7 +222,7 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
     if tiles and len(failed_tiles) == len(tiles):  # an empty result would look like a slide without nuclei
         raise SlideError(f"{slide.path}: no tile could be decoded ({len(tiles)} tried; first error: {failed_tiles[0]['error']})")
     stats.update(
-        tile_px=grid.tile_px, halo_px=cfg.halo_px, model_input_px=grid.block_px, grid_rows=grid.rows, grid_cols=grid.cols,
+        tile_px=grid.tile_px, halo_px=grid.halo_px, model_input_px=grid.block_px, grid_rows=grid.rows, grid_cols=grid.cols,
         merged_at_seams=int(len(x) - len(keep)), predict_s=round(t_predict, 3), postprocess_s=round(t_post, 3),
         detect_s=round(time.perf_counter() - t_start, 3),
         megapixels_computed=round(len(tiles) * grid.tile_px**2 / 1e6, 3), failed_tiles=failed_tiles,

@@ -63,3 +63,39 @@ def find_peaks(confidence: np.ndarray, threshold: float = 0.5, min_distance_px: 
     regions = watershed(-smooth, labels, mask=smooth > threshold)
     area = ndimage.sum_labels(np.ones_like(regions, dtype=np.float64), regions, index)
     return Components(np.asarray(y, float), np.asarray(x, float), confidence_at, np.maximum(area, 1.0))
+
+
+POSTPROCESSES = ("peaks", "components")
+
+
+@dataclass(frozen=True)
+class Postprocess:
+    """Confidence map → nuclei, on the model grid: which rule, and its parameters in model pixels.
+
+    `peaks` (default) separates touching nuclei; `components` is the paper's threshold + 8-connected rule.
+    """
+
+    method: str = "peaks"
+    threshold: float = 0.5
+    min_distance_px: int = 3
+    sigma_px: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.method not in POSTPROCESSES:
+            raise ValueError(f"postprocess must be one of {', '.join(POSTPROCESSES)} (got {self.method!r})")
+
+    @classmethod
+    def from_um(cls, method: str, threshold: float, min_distance_um: float, smooth_sigma_um: float, model_mpp: float) -> "Postprocess":
+        return cls(method, threshold, max(1, int(round(min_distance_um / model_mpp))), smooth_sigma_um / model_mpp)
+
+    @property
+    def reach_px(self) -> int:
+        """How far beyond a pixel this rule looks: a tile's halo must cover it on top of the receptive field."""
+        if self.method == "components":
+            return 0
+        return int(np.ceil(4 * self.sigma_px)) + self.min_distance_px
+
+    def __call__(self, confidence: np.ndarray) -> Components:
+        if self.method == "components":
+            return find_nuclei(confidence, self.threshold)
+        return find_peaks(confidence, self.threshold, self.min_distance_px, self.sigma_px)

@@ -25,11 +25,14 @@ class TileGrid:
     width_px: int
     tile_px: int
     halo_px: int
+    #: Input sides must be multiples of this (the model's poolings); tile and halo too, so every tile starts on
+    #: the same pooling phase as the untiled image and the output does not depend on the tiling.
+    multiple_px: int = SIZE_MULTIPLE_PX
 
     def __post_init__(self) -> None:
         for name in ("tile_px", "halo_px"):
-            if getattr(self, name) % SIZE_MULTIPLE_PX or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a non-negative multiple of {SIZE_MULTIPLE_PX}, got {getattr(self, name)}")
+            if getattr(self, name) % self.multiple_px or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative multiple of {self.multiple_px}, got {getattr(self, name)}")
         if self.tile_px == 0:
             raise ValueError("tile_px must be positive")
 

@@ -39,6 +39,7 @@ class TrainConfig:
     dropout: float = 0.5
     freeze_vgg: bool = False
     seed: int = 0
+    arch: str = "paper"  # a name from wsiproc.architectures (when not starting from a model)
 
 
 @dataclass
@@ -208,7 +209,7 @@ def train(
         if init_model is not None:
             model = load_model(init_model)
         else:
-            model = build_model(dropout=cfg.dropout, vgg16_weights=vgg16_weights, freeze_vgg=cfg.freeze_vgg)
+            model = build_model(dropout=cfg.dropout, vgg16_weights=vgg16_weights, freeze_vgg=cfg.freeze_vgg, arch=cfg.arch)
         model.compile(
             optimizer=keras.optimizers.Adam(cfg.learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-8),
             loss="binary_crossentropy",
