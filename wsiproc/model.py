@@ -12,9 +12,11 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from keras import layers  # noqa: E402
+
+# Keras (and with it TensorFlow) is imported inside the functions that build, load or save a network: the
+# constants and paths here are what the tiler, the CLI's --help and `info` need, and they must not pay 5 s
+# of TensorFlow start-up and its console noise for them.
 
 #: The resolution the network is trained and run at.
 MODEL_MPP = 0.5
@@ -47,7 +49,7 @@ def resolve_model_path(name_or_path: str | Path | None) -> Path:
 
 
 def build_model(dropout: float = 0.5, vgg16_weights: str | Path | None = None, freeze_vgg: bool = False,
-                arch: str = "paper") -> keras.Model:
+                arch: str = "paper") -> "keras.Model":
     """Build a network by name (`wsiproc.architectures`; default the paper's).
 
     `vgg16_weights` is the ImageNet VGG-16 block 1–2 `.npz` (torchvision's weights, see
@@ -62,8 +64,10 @@ def build_model(dropout: float = 0.5, vgg16_weights: str | Path | None = None, f
     return model
 
 
-def load_model(path: str | Path | None = None) -> keras.Model:
+def load_model(path: str | Path | None = None) -> "keras.Model":
     """Load a `.keras` model with Keras' safe mode on (no arbitrary code from model files)."""
+    import keras
+
     path = Path(path) if path is not None else DEFAULT_MODEL_PATH
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
@@ -80,8 +84,9 @@ def _stored_float16(layer) -> bool:
     return bool(layer.weights) and str(layer.weights[0].dtype) == "float16"
 
 
-def with_dtype(model: keras.Model, dtype: str) -> keras.Model:
+def with_dtype(model: "keras.Model", dtype: str) -> "keras.Model":
     """The same layers and weights with another dtype policy ("float16" to store, "float32" to compute)."""
+    import keras
 
     def clone(layer):
         return layer.__class__.from_config({**layer.get_config(), "dtype": dtype})
@@ -92,7 +97,7 @@ def with_dtype(model: keras.Model, dtype: str) -> keras.Model:
     return copy
 
 
-def save_model(model: keras.Model, path: str | Path, float16: bool = False) -> Path:
+def save_model(model: "keras.Model", path: str | Path, float16: bool = False) -> Path:
     """Save atomically: a crash never leaves a truncated `.keras` file under the final name.
 
     `float16` stores the weights in half precision (half the file; `load_model` computes in float32 again):
@@ -115,7 +120,7 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def subpixel_head(model: keras.Model) -> tuple[keras.Model, np.ndarray, np.ndarray, int] | None:
+def subpixel_head(model: "keras.Model") -> "tuple[keras.Model, np.ndarray, np.ndarray, int] | None":
     """The network's ending `UpSampling2D (nearest) … → Conv2D(1, 3×3, same, sigmoid)` rewritten for inference.
 
     Upsampling 512 feature channels to full resolution only to reduce them to one channel costs ~0.7 GB per
@@ -124,6 +129,9 @@ def subpixel_head(model: keras.Model) -> tuple[keras.Model, np.ndarray, np.ndarr
     summed where the full-resolution window falls on the same feature pixel) followed by depth-to-space(f).
     Returns (trunk, kernel, bias, factor), or None when the model does not end that way (then run it as is).
     """
+    import keras
+    from keras import layers
+
     layers_ = model.layers
     head = layers_[-1]
     if not (isinstance(head, layers.Conv2D) and head.filters == 1 and tuple(head.kernel_size) == (3, 3)
