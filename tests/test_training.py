@@ -78,16 +78,25 @@ def test_train_command_reads_label_maps_and_writes_a_loadable_model(tmp_path: Pa
     assert load_model(tmp_path / "m.keras").output_shape == (None, None, None, 1)
 
 
-def test_the_shipped_model_finds_nuclei_on_a_held_out_monuseg_image(shared_data: Path, predictor) -> None:
+def test_the_shipped_model_on_a_fixed_sample_of_every_domains_held_out_images(shared_data: Path, predictor) -> None:
+    """The first two held-out images of each domain (fixed by the registry's order, not chosen by score).
+
+    Measured with the shipped model: per-image F1 0.838, 0.864 (MoNuSeg), 0.699, 0.852 (crc-dev), 0.914, 0.887
+    (BRCA-M2C), 0.639, 0.863 (CoNSeP), mean 0.820; the previous model scored 0.693 on the same eight.
+    """
     from wsiproc.config import RunConfig
     from wsiproc.evaluate import score_image
     from wsiproc.pipeline import detect
     from wsiproc.slide import open_slide
 
-    image = next(a for a in datasets.monuseg(shared_data / "monuseg-train", "held_out") if a.name == "TCGA-B0-5710-01Z-00-DX1")
-    found = detect(open_slide(image.path, mpp=image.mpp), RunConfig(tissue_mask=False), predictor).detections
-    score = score_image(found.xy, image.points_xy, radius_px=5.0 / image.mpp)
-    assert score.f1 >= 0.8, f"F1 {score.f1:.3f} (P {score.precision:.3f}, R {score.recall:.3f})"
+    f1 = {}
+    for name in datasets.DOMAINS:
+        for image in datasets.domain(name, shared_data, "held_out")[:2]:
+            found = detect(open_slide(image.path, mpp=image.mpp), RunConfig(tissue_mask=False), predictor).detections
+            f1[image.name] = score_image(found.xy, image.points_xy, radius_px=5.0 / image.mpp).f1
+    assert len(f1) == 8
+    assert np.mean(list(f1.values())) >= 0.79, f1
+    assert min(f1.values()) >= 0.6, f1
 
 
 def test_evaluate_command_scores_result_csvs_against_annotations(tmp_path: Path, shared_data: Path) -> None:
