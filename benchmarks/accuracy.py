@@ -23,21 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wsiproc import datasets  # noqa: E402
 from wsiproc.config import RunConfig  # noqa: E402
-from wsiproc.evaluate import Score, evaluate_sets, format_table, write_scores_csv  # noqa: E402
-
-
-def predict_domain(images: list[datasets.AnnotatedImage], predictor, cfg: RunConfig) -> dict[str, np.ndarray]:
-    from wsiproc.pipeline import detect
-    from wsiproc.slide import open_slide
-
-    out = {}
-    for im in images:
-        slide = open_slide(im.path, mpp=im.mpp)
-        try:
-            out[im.name] = detect(slide, cfg, predictor).detections.xy
-        finally:
-            slide.close()
-    return out
+from wsiproc.evaluate import Score, detect_images, evaluate_sets, format_table, write_scores_csv  # noqa: E402
 
 
 def classical_detector(rgb: np.ndarray, mpp: float) -> np.ndarray:
@@ -65,7 +51,7 @@ def evaluate_model(label: str, predictor, cfg: RunConfig, data: Path, domains: l
     for dom in domains:
         images = datasets.domain(dom, data, "held_out")
         t0 = time.perf_counter()
-        pred = predict_domain(images, predictor, cfg) if predictor is not None else {
+        pred = detect_images(images, predictor, cfg) if predictor is not None else {
             im.name: classical_detector(im.read_rgb(), im.mpp) for im in images}
         per_image, total = score_domain(images, pred, radius_um)
         rows[dom] = total

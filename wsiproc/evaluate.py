@@ -36,6 +36,7 @@ __all__ = [
     "format_table",
     "write_scores_csv",
     "read_predictions",
+    "detect_images",
 ]
 
 TOTAL_ROW = "ALL (micro)"
@@ -334,3 +335,19 @@ def _row(name: str, score: Score, decimals: int) -> list[str]:
 
 def _some(names: list[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
+
+
+def detect_images(images, predictor, cfg) -> dict[str, np.ndarray]:
+    """Nucleus centres (level-0 x, y) of annotated images (`datasets.AnnotatedImage`), through the same `detect`
+    as a run: what every accuracy figure of a model is computed from."""
+    from .pipeline import detect
+    from .slide import open_slide
+
+    out = {}
+    for im in images:
+        slide = open_slide(im.path, mpp=im.mpp)
+        try:
+            out[im.name] = detect(slide, cfg, predictor).detections.xy
+        finally:
+            slide.close()
+    return out
