@@ -1,41 +1,45 @@
-"""A `.keras` model → a full-integer int8 `.tflite` model for faster CPU inference, and the checks that keep it honest.
+"""A `.keras` model → an OpenVINO int8 model (NNCF post-training quantisation), and the checks that keep it honest.
 
-Why int8 and not bfloat16: the CPUs this runs on (AVX2 + FMA, no AVX-512) have no bfloat16 arithmetic, while
-TFLite's XNNPACK kernels run int8 convolutions with AVX2 integer multiply-adds. Weights are quantized per output
-channel, activations per tensor with ranges calibrated on real H&E crops at 0.5 µm/px. The graph keeps a float32
-input (RGB in [0, 1]) and a float32 output (confidence in [0, 1]); the quantize/dequantize at either end cost
-nothing next to the convolutions and keep `Predictor`'s contract identical for both backends.
+Why int8 through OpenVINO: on CPUs with VNNI or AMX, int8 convolutions run several times faster than float32
+(`benchmarks/throughput.py` measures it on the machine at hand), and NNCF's post-training quantisation needs no
+retraining: weights are quantised per output channel, activation ranges are calibrated on real H&E crops at
+0.5 µm/px from the training domains, and a fast bias correction pass removes most of the rounding's offset.
+The float model it starts from is the converted one the OpenVINO engine runs (sub-pixel head, uint8 input), so
+int8 and float32 see the same graph.
 
-Experimental: `benchmarks/precision.py` measured the shipped model's int8 file at 1.06× the float32 Keras throughput
-with an F1 change of -0.0003 on held-out MoNuSeg, on a first-generation EPYC (AVX2, no VNNI: int8 multiply-adds
-are no faster than float32 FMAs there). Measure on the target CPU before preferring it.
-
-Beside `X.tflite` a sidecar `X.tflite.json` records the source model's file name and sha256 and the `.tflite`'s own
-sha256: a `.tflite` whose source `.keras` has since been retrained (or that was replaced) is refused by
-`check_sidecar` instead of silently running old weights.
+`wsiproc quantize X.keras … --out X.int8.xml` writes ``X.int8.xml`` / ``X.int8.bin`` and a sidecar
+``X.int8.xml.json``: the source model's name and sha256, the pair's own sha256s, the calibration, and (with
+``--validate``) the F1 of float32 and int8 on every held-out domain. The sidecar is what makes the file safe to
+pick up: an int8 file whose source `.keras` has since changed, or that is not the file its sidecar describes, is
+refused by `check_sidecar` instead of silently running old weights; and `--precision auto` picks int8 only when
+the sidecar records an F1 loss <= `engines.F1_TOLERANCE` on every held-out domain (`validation_passed`).
 """
 from __future__ import annotations
 
 import json
-import warnings
+import os
+import secrets
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .model import MODEL_MPP, SIZE_MULTIPLE_PX, file_sha256, load_model
+from .model import MODEL_MPP, SIZE_MULTIPLE_PX, file_sha256
 
 #: Side of a calibration crop at 0.5 µm/px: the network is fully convolutional, so small crops calibrate the
-#: same per-tensor ranges as whole tiles at a fraction of the cost (the receptive field is 64 px).
+#: same per-tensor ranges as whole tiles at a fraction of the cost. 128 is a multiple of every architecture's
+#: size multiple (4 or 8) and twice the largest receptive radius.
 CALIBRATION_CROP_PX = 128
-#: Crops used when the caller does not say: enough to see stroma, nuclei, fat and glass in several images.
-CALIBRATION_CROPS = 48
+#: Crops used when the caller does not say: enough to see stroma, nuclei, fat and glass in every domain.
+CALIBRATION_CROPS = 64
+#: Training images read per domain for calibration (evenly spread over its training split).
+IMAGES_PER_DOMAIN = 8
 
 
-def sidecar_path(tflite_path: str | Path) -> Path:
-    """Where the provenance of `tflite_path` is written: `<name>.tflite.json` beside it."""
-    tflite_path = Path(tflite_path)
-    return tflite_path.with_name(tflite_path.name + ".json")
+def sidecar_path(model_path: str | Path) -> Path:
+    """Where the provenance of an int8 model is written: `<name>.json` beside it (`X.int8.xml.json`)."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name + ".json")
 
 
 def _quotas(n_crops: int, n_images: int) -> list[int]:
@@ -55,11 +59,15 @@ def _random_crops(rgb: np.ndarray, mpp: float, k: int, crop_px: int, rng: np.ran
     return [np.ascontiguousarray(im[y : y + crop_px, x : x + crop_px]) for y, x in zip(ys, xs)]
 
 
+def _check_crop_px(crop_px: int, multiple: int = SIZE_MULTIPLE_PX) -> None:
+    if crop_px <= 0 or crop_px % multiple:
+        raise ValueError(f"crop_px must be a positive multiple of {multiple} (got {crop_px})")
+
+
 def calibration_crops(images: Sequence[tuple[np.ndarray, float]], n_crops: int = CALIBRATION_CROPS,
                       crop_px: int = CALIBRATION_CROP_PX, seed: int = 0) -> list[np.ndarray]:
     """Up to `n_crops` uint8 crops of `crop_px` at 0.5 µm/px, cut at random from (RGB image, its µm/px) pairs."""
-    if crop_px <= 0 or crop_px % SIZE_MULTIPLE_PX:
-        raise ValueError(f"crop_px must be a positive multiple of {SIZE_MULTIPLE_PX} (got {crop_px})")
+    _check_crop_px(crop_px)
     rng = np.random.default_rng(seed)
     crops = []
     for (rgb, mpp), k in zip(images, _quotas(n_crops, len(images))):
@@ -74,8 +82,7 @@ def crops_from_files(paths: Sequence[str | Path], mpp: float, n_crops: int = CAL
     """Calibration crops from image files of pixel size `mpp`, read one at a time (memory stays at one image)."""
     from .slide import open_slide
 
-    if crop_px <= 0 or crop_px % SIZE_MULTIPLE_PX:
-        raise ValueError(f"crop_px must be a positive multiple of {SIZE_MULTIPLE_PX} (got {crop_px})")
+    _check_crop_px(crop_px)
     rng = np.random.default_rng(seed)
     crops = []
     for path, k in zip(paths, _quotas(n_crops, len(paths))):
@@ -92,142 +99,240 @@ def crops_from_files(paths: Sequence[str | Path], mpp: float, n_crops: int = CAL
     return crops
 
 
-def _representative(crops: list[np.ndarray]) -> Iterator[list[np.ndarray]]:
-    """What the converter calibrates on: one crop at a time, scaled to [0, 1] as the network expects."""
-    for crop in crops:
-        yield [crop[None].astype(np.float32) / 255.0]
+def domain_crops(data_root: str | Path, n_crops: int = CALIBRATION_CROPS, crop_px: int = CALIBRATION_CROP_PX,
+                 seed: int = 0, images_per_domain: int = IMAGES_PER_DOMAIN, domains: Sequence[str] | None = None) -> list[np.ndarray]:
+    """Calibration crops from the *training* split of every domain (`datasets.DOMAINS`), the same number from each.
 
-
-def _layer_chain(model) -> list:
-    """The model's layers after the input, refusing anything that is not a plain chain (what this converter handles)."""
-    layers = [layer for layer in model.layers if layer.__class__.__name__ != "InputLayer"]
-    for prev, layer in zip(layers, layers[1:]):
-        if layer.input is not prev.output:
-            raise ValueError(f"{model.name}: only a chain of layers can be converted ({layer.name} does not follow {prev.name})")
-    return layers
-
-
-def _forward_fn(model):
-    """The model as a tf.function over a dynamic (batch, H, W, 3) float32 input.
-
-    Keras 3's UpSampling2D reshapes through a tensor of unknown channel count, which TFLite cannot turn into a
-    builtin convolution (the converter stops at the last layer). Nearest-neighbour upsampling by k is rewritten as
-    k² copies of the channels rearranged by depth_to_space: the same pixels, a static channel count, and no shape
-    arithmetic in the graph. Dropout is the identity at inference and is left out.
+    The held-out images are never used, so the F1 that `validate` measures on them stays honest.
     """
-    import tensorflow as tf
+    from . import datasets
 
-    chain = _layer_chain(model)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="rgb")])
-    def forward(rgb):
-        x = rgb
-        for layer in chain:
-            kind = layer.__class__.__name__
-            if kind == "Dropout":
-                continue
-            if kind == "UpSampling2D":
-                if layer.interpolation != "nearest":
-                    raise ValueError(f"{layer.name}: only nearest-neighbour upsampling can be converted")
-                factor = int(layer.size[0])
-                if tuple(layer.size) != (factor, factor):
-                    raise ValueError(f"{layer.name}: only square upsampling can be converted")
-                x = tf.nn.depth_to_space(tf.concat([x] * factor**2, axis=-1), factor)
-            else:
-                x = layer(x, training=False)
-        return x
-
-    return forward
+    _check_crop_px(crop_px)
+    names = list(domains or datasets.DOMAINS)
+    rng = np.random.default_rng(seed)
+    crops: list[np.ndarray] = []
+    for name, quota in zip(names, _quotas(n_crops, len(names))):
+        images = datasets.domain(name, data_root, "train")
+        if not images:
+            raise ValueError(f"{Path(data_root) / datasets.DOMAINS[name][0]}: no training images of domain {name}")
+        picks = [images[int(i)] for i in np.linspace(0, len(images) - 1, min(images_per_domain, len(images), quota))]
+        for im, k in zip(picks, _quotas(quota, len(picks))):
+            crops += _random_crops(im.read_rgb(), im.mpp, k, crop_px, rng)
+    if not crops:
+        raise ValueError(f"{data_root}: no calibration image is at least {crop_px} px wide at {MODEL_MPP} µm/px")
+    return crops
 
 
-def _converter(model_path: Path):
-    """A TFLite converter for the model with a fully dynamic (batch, H, W, 3) float32 input."""
-    import tensorflow as tf
+def quantize_openvino(model_path: str | Path, crops: list[np.ndarray], cache_dir: str | Path | None = None):
+    """(int8 OpenVINO model of `model_path` (.keras), its geometry); activations calibrated on `crops` (uint8, 0.5 µm/px)."""
+    import nncf
+    import openvino as ov
 
-    model = load_model(model_path)
-    forward = _forward_fn(model)
-    return tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()])
+    from .architectures import geometry
+    from .engines import ModelCache, convert_keras, model_geometry
+    from .model import load_model
 
-
-def convert_int8(model_path: str | Path, crops: list[np.ndarray]) -> bytes:
-    """Full-integer int8 flatbuffer of `model_path`, activations calibrated on `crops` (uint8, 0.5 µm/px)."""
-    import tensorflow as tf
-
+    model_path = Path(model_path)
     if not crops:
         raise ValueError(f"{model_path}: no calibration crops given")
-    converter = _converter(Path(model_path))
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: _representative(crops)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    with warnings.catch_warnings():
-        # "Statistics for quantized inputs were expected": the input stays float32 on purpose (see the module doc).
-        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
-        return converter.convert()
+    keras_model = load_model(model_path)
+    multiple = geometry(keras_model).size_multiple_px
+    bad = [c.shape[:2] for c in crops if c.shape[0] % multiple or c.shape[1] % multiple]
+    if bad:
+        raise ValueError(f"{model_path}: calibration crops must have sides that are multiples of {multiple} (got {bad[0]})")
+    model, _, _ = ModelCache(cache_dir).ir(model_path, file_sha256(model_path), lambda: convert_keras(model_path))
+    if isinstance(model, Path):
+        model = ov.Core().read_model(model)
+    dataset = nncf.Dataset([np.ascontiguousarray(c[None], dtype=np.uint8) for c in crops])
+    quantized = nncf.quantize(model, dataset, subset_size=len(crops), target_device=nncf.TargetDevice.CPU)
+    return quantized, model_geometry(keras_model)
 
 
-def convert_float32(model_path: str | Path) -> bytes:
-    """Plain float32 flatbuffer: the baseline that separates TFLite's own speed from the int8 gain."""
-    return _converter(Path(model_path)).convert()
+def write_ir(model, out_path: str | Path, source_model: str | Path, info: dict | None = None) -> Path:
+    """Write `model` as `out_path` (.xml) + .bin and its sidecar, all atomically; returns `out_path`.
 
+    The pair is saved under temporary names in the same folder and renamed, .bin first; the sidecar is
+    written last, so an .xml without a matching sidecar means an interrupted write (and is refused).
+    """
+    import nncf
+    import openvino as ov
 
-def _write_atomic(path: Path, data: bytes) -> None:
+    from .engines import ir_sha256
     from .export import atomic_path
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def write_tflite(data: bytes, out_path: str | Path, source_model: str | Path, info: dict | None = None) -> Path:
-    """Write the flatbuffer and its sidecar (source name and sha256, own sha256, `info`), both atomically.
-
-    The sidecar is written second, so a `.tflite` without a matching sidecar means an interrupted write.
-    """
     out_path, source_model = Path(out_path), Path(source_model)
-    _write_atomic(out_path, data)
+    if out_path.suffix.lower() != ".xml":
+        raise ValueError(f"{out_path}: an OpenVINO model is written as .xml (+ .bin)")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.stem}.{secrets.token_hex(6)}.partial.xml")
+    try:
+        ov.save_model(model, tmp, compress_to_fp16=False)
+        for part in (tmp.with_suffix(".bin"), tmp):
+            with open(part, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp.with_suffix(".bin"), out_path.with_suffix(".bin"))
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".bin").unlink(missing_ok=True)
     record = {"source_model": source_model.name, "source_path": str(source_model.resolve()),
-              "source_sha256": file_sha256(source_model),
-              "tflite_sha256": file_sha256(out_path), **(info or {})}
-    _write_atomic(sidecar_path(out_path), (json.dumps(record, indent=2) + "\n").encode())
+              "source_sha256": file_sha256(source_model), "xml_sha256": file_sha256(out_path),
+              "bin_sha256": file_sha256(out_path.with_suffix(".bin")), "ir_sha256": ir_sha256(out_path),
+              "openvino_version": ov.get_version(), "nncf_version": nncf.__version__, **(info or {})}
+    with atomic_path(sidecar_path(out_path)) as part:
+        part.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return out_path
 
 
-def quantize_model(model_path: str | Path, crops: list[np.ndarray], out_path: str | Path) -> Path:
-    """`model_path` (.keras) → int8 `out_path` (.tflite) with its sidecar; returns `out_path`."""
-    data = convert_int8(model_path, crops)
-    info = {"precision": "int8", "calibration": {"crops": len(crops), "crop_px": [int(s) for s in crops[0].shape[:2]],
-                                                   "mpp": MODEL_MPP}}
-    return write_tflite(data, out_path, model_path, info)
+def quantize_model(model_path: str | Path, crops: list[np.ndarray], out_path: str | Path,
+                   calibration: dict | None = None, cache_dir: str | Path | None = None) -> Path:
+    """`model_path` (.keras) → int8 `out_path` (.xml + .bin) with its sidecar; returns `out_path`."""
+    model, geometry = quantize_openvino(model_path, crops, cache_dir)
+    info = {"precision": "int8", "geometry": geometry, "calibration": {"crops": len(crops), "crop_px": [int(s) for s in crops[0].shape[:2]],
+                                                  "mpp": MODEL_MPP, **(calibration or {})}}
+    return write_ir(model, out_path, model_path, info)
 
 
-def _source_of(tflite_path: Path, record: dict) -> Path | None:
-    """The source `.keras` named in the sidecar: beside the `.tflite` first (files moved together), else where it was."""
-    beside = tflite_path.with_name(str(record.get("source_model", "")))
+def _read_sidecar(path: Path) -> dict | None:
+    side = sidecar_path(path)
+    if not side.is_file():
+        return None
+    try:
+        record = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{side}: unreadable sidecar of {path.name} ({exc.__class__.__name__})") from exc
+    if not isinstance(record, dict):
+        raise ValueError(f"{side}: unreadable sidecar of {path.name} (not a JSON object)")
+    return record
+
+
+def _source_of(path: Path, record: dict) -> Path | None:
+    """The source `.keras` named in the sidecar: beside the model first (files moved together), else where it was."""
+    beside = path.with_name(str(record.get("source_model", "")))
     if record.get("source_model") and beside.is_file():
         return beside
     recorded = Path(str(record.get("source_path", "")))
     return recorded if record.get("source_path") and recorded.is_file() else None
 
 
-def check_sidecar(tflite_path: str | Path, tflite_sha256: str) -> dict | None:
-    """Refuse a stale `.tflite`: one that is not the file its sidecar describes, or whose source `.keras` changed.
+def check_sidecar(path: str | Path, source: str | Path | None = None, source_sha256: str | None = None) -> dict | None:
+    """Refuse a stale int8 model: one that is not the pair its sidecar describes, or whose source `.keras` changed.
 
-    No sidecar: nothing to check (a file converted elsewhere), returns None. When the source model can be found
-    neither beside the `.tflite` nor where it was converted from, its half of the check is skipped.
+    `source`: the `.keras` the model must have been made from (the Predictor looking beside a model); then a
+    missing sidecar is refused too, since nothing says which model the file belongs to. Without `source`
+    (an IR given as the model), no sidecar means nothing to check (None), and the source named in the sidecar
+    is checked where it can be found (beside the IR, or where it was converted from).
     """
-    tflite_path = Path(tflite_path)
-    side = sidecar_path(tflite_path)
-    if not side.is_file():
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    record = _read_sidecar(path)
+    if record is None:
+        if source is not None:
+            raise ValueError(f"{path}: no sidecar {sidecar_path(path).name}, so nothing says it was made from "
+                             f"{Path(source).name}; rerun wsiproc quantize")
         return None
+    bin_path = path.with_suffix(".bin")
+    if (record.get("xml_sha256") != file_sha256(path) or not bin_path.is_file()
+            or record.get("bin_sha256") != file_sha256(bin_path)):
+        raise ValueError(f"{path}: does not match its sidecar {sidecar_path(path).name} (file replaced or "
+                         "half-written); rerun wsiproc quantize")
+    source = Path(source) if source is not None else _source_of(path, record)
+    if source is not None:
+        actual = source_sha256 or file_sha256(source)
+        if actual != record.get("source_sha256"):
+            raise ValueError(f"{path}: stale, made from an earlier version of {source} "
+                             f"(sha256 {str(record.get('source_sha256'))[:12]}…); rerun wsiproc quantize {source}")
+    return record
+
+
+def stored_precision(path: str | Path) -> str:
+    """'int8' or 'float32': what an IR file holds (its sidecar says; else the graph's FakeQuantize nodes do)."""
+    path = Path(path)
+    record = _read_sidecar(path)
+    if record and record.get("precision") in ("int8", "float32"):
+        return str(record["precision"])
     try:
-        record = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{side}: unreadable sidecar of {tflite_path.name} ({exc})") from exc
-    if record.get("tflite_sha256") != tflite_sha256:
-        raise ValueError(f"{tflite_path}: does not match its sidecar {side.name} (file replaced or half-written); "
-                         "rerun wsiproc quantize")
-    source = _source_of(tflite_path, record)
-    if source is not None and file_sha256(source) != record.get("source_sha256"):
-        raise ValueError(f"{tflite_path}: stale, converted from an earlier version of {source} "
-                         f"(sha256 {str(record.get('source_sha256'))[:12]}…); rerun wsiproc quantize {source}")
+        return "int8" if b"FakeQuantize" in path.read_bytes() else "float32"
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+
+
+def validation_passed(record: dict | None) -> tuple[bool, str]:
+    """Whether the sidecar's F1 check lets `--precision auto` pick the int8 model, and why (one line)."""
+    from .engines import F1_TOLERANCE
+
+    validation = (record or {}).get("validation")
+    if not validation or not validation.get("domains"):
+        return False, "not validated (wsiproc quantize --validate DATA scores it on the held-out domains)"
+    from .datasets import DOMAINS
+
+    missing = [name for name in DOMAINS if name not in validation["domains"]]
+    if missing:
+        return False, f"not validated on every held-out domain (missing: {', '.join(missing)})"
+    losses = {name: d["f1_loss"] for name, d in validation["domains"].items()}
+    worst = max(losses, key=losses.get)
+    text = ", ".join(f"{name} {loss:+.4f}" for name, loss in losses.items())
+    if losses[worst] > F1_TOLERANCE:
+        return False, f"F1 loss {losses[worst]:.4f} on {worst} > {F1_TOLERANCE} (losses: {text})"
+    return True, f"F1 loss <= {F1_TOLERANCE} on every held-out domain ({text})"
+
+
+def domain_f1(predictor, images) -> tuple[float, float, float]:
+    """(precision, recall, F1) of `predictor` on annotated images: 5 µm one-to-one matching, micro-averaged
+    (the project's scoring, as benchmarks/accuracy.py computes it), through the same `detect` as a run."""
+    from .config import RunConfig
+    from .evaluate import evaluate_sets
+    from .pipeline import detect
+    from .slide import open_slide
+
+    cfg = RunConfig(tissue_mask=False)  # annotated crops are tissue throughout
+    pred = {}
+    for im in images:
+        slide = open_slide(im.path, mpp=im.mpp)
+        try:
+            pred[im.name] = detect(slide, cfg, predictor).detections.xy
+        finally:
+            slide.close()
+    _, total = evaluate_sets(pred, {im.name: im.points_xy for im in images}, {im.name: 5.0 / im.mpp for im in images})
+    return total.precision, total.recall, total.f1
+
+
+def validate(source: str | Path, int8_path: str | Path, data_root: str | Path, domains: Sequence[str] | None = None,
+             echo=None) -> dict:
+    """F1 of OpenVINO float32 and of the int8 model on every domain's held-out split, and the loss between them.
+
+    float32 runs on OpenVINO too (it agrees with TensorFlow to ~1e-6), so the loss is the quantisation's alone.
+    """
+    from . import datasets
+    from .engines import F1_TOLERANCE
+    from .inference import Predictor
+
+    f32 = Predictor(source, precision="float32", engine="openvino")
+    int8 = Predictor(int8_path, engine="openvino")
+    out: dict = {"data": str(Path(data_root).resolve()), "tolerance": F1_TOLERANCE, "domains": {}}
+    for name in domains or datasets.DOMAINS:
+        images = datasets.domain(name, data_root, "held_out")
+        if not images:
+            raise ValueError(f"{Path(data_root) / datasets.DOMAINS[name][0]}: no held-out images of domain {name}")
+        f1_ref, f1_q = domain_f1(f32, images)[2], domain_f1(int8, images)[2]
+        out["domains"][name] = {"images": len(images), "f1_float32": round(f1_ref, 5), "f1_int8": round(f1_q, 5),
+                                "f1_loss": round(f1_ref - f1_q, 5)}
+        if echo:
+            echo(f"{name}: F1 float32 {f1_ref:.4f}, int8 {f1_q:.4f} ({len(images)} held-out images)")
+    out["passed"] = validation_passed({"validation": out})[0]
+    return out
+
+
+def record_validation(int8_path: str | Path, validation: dict) -> dict:
+    """Add `validation` to the sidecar (rewritten atomically; the model pair itself is not touched)."""
+    from .export import atomic_path
+
+    int8_path = Path(int8_path)
+    record = check_sidecar(int8_path)
+    if record is None:
+        raise ValueError(f"{int8_path}: no sidecar to record the validation in; rerun wsiproc quantize")
+    record["validation"] = validation
+    with atomic_path(sidecar_path(int8_path)) as part:
+        part.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
