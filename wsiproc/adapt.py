@@ -238,7 +238,7 @@ def adapt(inputs: list[Path], out_path: Path, work_dir: Path, run_cfg: RunConfig
         from distributed import as_completed
 
         def remote(path, i):
-            return mine_slide(path, run_cfg, worker_predictor(str(predictor.model_path), run_cfg.precision), cfg, cap, seed=cfg.seed * 100003 + i)
+            return mine_slide(path, run_cfg, worker_predictor(str(predictor.model_path), run_cfg.precision, run_cfg.engine), cfg, cap, seed=cfg.seed * 100003 + i)
 
         futures = {client.submit(remote, path, i, pure=False): (path, sha) for i, path, sha in todo}
         for future in as_completed(futures):

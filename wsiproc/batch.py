@@ -31,7 +31,7 @@ from .pipeline import ProgressFn, run_slide
 
 #: Parameters that change what a run writes; the others (workers, batch size, strictness) do not.
 OUTPUT_PARAMETERS = ("model_mpp", "mpp", "tile_px", "halo_px", "threshold", "postprocess", "min_distance_um",
-                     "smooth_sigma_um", "merge_radius_um", "tissue_mask", "density_cell_um", "geojson_gz", "precision")
+                     "smooth_sigma_um", "merge_radius_um", "tissue_mask", "density_cell_um", "geojson_gz", "precision", "engine")
 
 
 @dataclass

@@ -517,13 +517,13 @@ def engines(model_path: Path | None, engine: str, precision: str, as_json: bool)
     choice = info.pop("choice")
     available = info.pop("available")
     for key, value in info.items():
-        click.echo(f"{key:>22}: {', '.join(value) if isinstance(value, list) else value}")
+        click.echo(f"{key:>24}: {', '.join(value) if isinstance(value, list) else value}")
     if "error" in choice:
-        click.echo(f"{'will run':>22}: cannot run: {choice['error']}")
+        click.echo(f"{'will run':>24}: cannot run: {choice['error']}")
     else:
-        click.echo(f"{'will run':>22}: {choice['engine']} {choice['precision']} on the {choice['device']} ({choice['reason']})")
+        click.echo(f"{'will run':>24}: {choice['engine']} {choice['precision']} on the {choice['device']} ({choice['reason']})")
     for name, state in available.items():
-        click.echo(f"{name:>22}: {state}")
+        click.echo(f"{name:>24}: {state}")
 
 
 if __name__ == "__main__":

@@ -114,8 +114,8 @@ def _predict(predictor, images: list[np.ndarray]) -> tuple[np.ndarray, float]:
 
 
 @functools.lru_cache(maxsize=2)
-def worker_predictor(model_path: str, precision: str = "auto") -> Predictor:
-    return Predictor(model_path, precision=precision)
+def worker_predictor(model_path: str, precision: str = "auto", engine: str = "auto") -> Predictor:
+    return Predictor(model_path, precision=precision, engine=engine)
 
 
 def _remote_batch(sampler: SlideSampler, grid: TileGrid, tiles: list[tuple[int, int]], cfg: RunConfig, model_path: str):
@@ -126,7 +126,7 @@ def _remote_batch(sampler: SlideSampler, grid: TileGrid, tiles: list[tuple[int, 
     failures = [f for _, _, f in reads if f is not None]
     if not ok:
         return [], failures, 0.0, 0.0
-    conf, t_pred = _predict(worker_predictor(model_path, cfg.precision), [img for _, img in ok])
+    conf, t_pred = _predict(worker_predictor(model_path, cfg.precision, cfg.engine), [img for _, img in ok])
     found, t_post = _nuclei_of_tiles(grid, [rc for rc, _ in ok], conf, cfg.postprocessor())
     return found, failures, t_pred, t_post
 
@@ -268,7 +268,8 @@ def run_slide(path: str | Path, out_dir: str | Path, cfg: RunConfig, predictor: 
             "wsiproc_version": __version__,
             "input": {**slide_summary(slide), **(extra_input or {})},
             "model": {"path": str(predictor.model_path), "sha256": predictor.sha256, "device": predictor.device,
-                      "precision": getattr(predictor, "precision", "float32")},
+                      "precision": getattr(predictor, "precision", "float32"), "engine": getattr(predictor, "engine", "tensorflow")},
+            "engine": predictor.describe() if hasattr(predictor, "describe") else {},
             "parameters": cfg.to_dict(),
             "mpp_used": mpp0,
             **split_stats(result.stats),
