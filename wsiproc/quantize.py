@@ -282,18 +282,9 @@ def domain_f1(predictor, images) -> tuple[float, float, float]:
     """(precision, recall, F1) of `predictor` on annotated images: 5 µm one-to-one matching, micro-averaged
     (the project's scoring, as benchmarks/accuracy.py computes it), through the same `detect` as a run."""
     from .config import RunConfig
-    from .evaluate import evaluate_sets
-    from .pipeline import detect
-    from .slide import open_slide
+    from .evaluate import detect_images, evaluate_sets
 
-    cfg = RunConfig(tissue_mask=False)  # annotated crops are tissue throughout
-    pred = {}
-    for im in images:
-        slide = open_slide(im.path, mpp=im.mpp)
-        try:
-            pred[im.name] = detect(slide, cfg, predictor).detections.xy
-        finally:
-            slide.close()
+    pred = detect_images(images, predictor, RunConfig(tissue_mask=False))  # annotated crops are tissue throughout
     _, total = evaluate_sets(pred, {im.name: im.points_xy for im in images}, {im.name: 5.0 / im.mpp for im in images})
     return total.precision, total.recall, total.f1
 
