@@ -63,15 +63,15 @@ class RunConfig:
 
     def halo_for(self, geometry: dict) -> int:
         """The halo a tile needs with this model: given, or the receptive radius plus the post-processing's
-        reach, rounded up to the model's size multiple (at least the paper network's 32 px, as before)."""
+        reach, at least the 32 px tiles always had, rounded up to the model's size multiple."""
         multiple = int(geometry.get("size_multiple_px") or SIZE_MULTIPLE_PX)
         if self.halo_px is not None:
             if self.halo_px % multiple:
                 raise ValueError(f"halo_px must be a multiple of {multiple} for this model (got {self.halo_px})")
             return self.halo_px
         radius = int(geometry.get("receptive_radius_px") or RECEPTIVE_RADIUS_PX)
-        need = radius + self.postprocessor().reach_px
-        return max(RECEPTIVE_RADIUS_PX if multiple == SIZE_MULTIPLE_PX else 0, -(-need // multiple) * multiple)
+        need = max(RECEPTIVE_RADIUS_PX, radius + self.postprocessor().reach_px)
+        return -(-need // multiple) * multiple
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -113,6 +113,18 @@ def _predict(predictor, images: list[np.ndarray]) -> tuple[np.ndarray, float]:
     return conf, time.perf_counter() - t0
 
 
+#: What of `Predictor.describe()` changes from one process to the next (start-up, cache hits): kept out of the
+#: run record, whose content must depend only on the input, the model and the parameters.
+_VOLATILE_ENGINE_KEYS = ("startup_s", "load_s", "cache", "cache_status")
+
+
+def engine_record(predictor) -> dict:
+    """The engine, precision and why, the CPU flags that mattered and the engine versions, for the run record."""
+    if not hasattr(predictor, "describe"):
+        return {}
+    return {k: v for k, v in predictor.describe().items() if k not in _VOLATILE_ENGINE_KEYS}
+
+
 @functools.lru_cache(maxsize=2)
 def worker_predictor(model_path: str, precision: str = "auto", engine: str = "auto") -> Predictor:
     return Predictor(model_path, precision=precision, engine=engine)
@@ -269,7 +281,7 @@ def run_slide(path: str | Path, out_dir: str | Path, cfg: RunConfig, predictor: 
             "input": {**slide_summary(slide), **(extra_input or {})},
             "model": {"path": str(predictor.model_path), "sha256": predictor.sha256, "device": predictor.device,
                       "precision": getattr(predictor, "precision", "float32"), "engine": getattr(predictor, "engine", "tensorflow")},
-            "engine": predictor.describe() if hasattr(predictor, "describe") else {},
+            "engine": engine_record(predictor),
             "parameters": cfg.to_dict(),
             "mpp_used": mpp0,
             **split_stats(result.stats),
