@@ -6,6 +6,9 @@ repository; tests that need it find it beside the checkout and skip, saying why,
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +93,17 @@ def make_detections():
         )
 
     return make
+
+
+def wait_for(proc: subprocess.Popen, what: str, condition, timeout_s: float = 600) -> None:
+    """Poll (every millisecond) until `condition()` holds while the process is still running; a process that
+    ends first, or a condition that never comes, fails the test (the process group is killed on time-out)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if proc.poll() is not None:
+            err = proc.communicate()[1] if proc.stderr is not None else ""
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}: {err}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"no {what} within {timeout_s} s")
+        time.sleep(0.001)

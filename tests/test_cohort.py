@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from conftest import wait_for
 from PIL import Image
 
 from wsiproc import claims, summary
@@ -68,18 +69,6 @@ def _finish(proc: subprocess.Popen, log: Path) -> tuple[int, str, str]:
 
 def _run(args: list[str], log: Path) -> tuple[int, str, str]:
     return _finish(_start(args, log), log)
-
-
-def _wait_for(proc: subprocess.Popen, what: str, condition, timeout_s: float = RUN_TIMEOUT_S) -> None:
-    """Poll (every millisecond) until `condition()` holds while the process is still running."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError(f"no {what} within {timeout_s} s")
-        time.sleep(0.001)
 
 
 def _statuses(stdout: str, inputs: list[Path]) -> dict[Path, str]:
@@ -165,7 +154,7 @@ def test_interrupted_runs_leave_at_most_a_stale_claim_which_the_next_run_takes_o
     # SIGTERM (scancel, a SLURM time limit): stopped like Ctrl-C, the claim released, exit 128 + 15.
     proc = _start(args, tmp_path / "terminated")
     claim = summary.claim_path(out, cohort[1].stem)
-    _wait_for(proc, claim.name, claim.exists)
+    wait_for(proc, claim.name, claim.exists, RUN_TIMEOUT_S)
     proc.send_signal(signal.SIGTERM)
     code, _, stderr = _finish(proc, tmp_path / "terminated")
     assert code == 143 and "interrupted" in stderr and "Traceback" not in stderr, stderr
@@ -174,7 +163,7 @@ def test_interrupted_runs_leave_at_most_a_stale_claim_which_the_next_run_takes_o
     # SIGKILL (the OOM killer, a node failure): nothing runs, the claim stays; its process is gone, so it is stale.
     proc = _start(args, tmp_path / "killed")
     claim = summary.claim_path(out, cohort[3].stem)
-    _wait_for(proc, claim.name, claim.exists)
+    wait_for(proc, claim.name, claim.exists, RUN_TIMEOUT_S)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     left = Claim.read(claim)

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import wait_for as _wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT_SUFFIXES = (".csv", ".geojson", "_density.tiff", "_density.png", "_qc.png", ".json")
@@ -358,18 +359,6 @@ def _default_sigint() -> None:
     """In the child before exec: SIGINT neither ignored nor blocked, whatever the test process inherited or set."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-
-def _wait_for(proc: subprocess.Popen, what: str, condition, timeout_s: float = 600) -> None:
-    """Poll (every millisecond) until `condition()` holds while the run is still going."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}: {proc.communicate()[1]}")
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError(f"no {what} within {timeout_s} s")
-        time.sleep(0.001)
 
 
 def _writing(folder: Path) -> bool:
