@@ -24,6 +24,7 @@ from .model import file_sha256
 from .pipeline import batched, plan_tiles, read_tile, worker_predictor
 from .postprocess import find_nuclei
 from .slide import open_slide
+from .stitch import owned
 from .tiling import SlideSampler, halo_tiles
 from .training import TrainConfig, augment_block, draw_targets, flip_turn
 
@@ -43,6 +44,7 @@ class AdaptConfig:
     batch_size: int = 16
     learning_rate: float = 1e-4
     seed: int = 0
+    disk_radius_px: int = TrainConfig.disk_radius_px  # targets as in training: one disk per nucleus
 
     def validate(self) -> "AdaptConfig":
         if not 0 < self.low <= self.high < 1:
@@ -87,12 +89,11 @@ def mine_slide(path: Path, run_cfg: RunConfig, predictor: Predictor, cfg: AdaptC
             for ((r, c), img), tile_conf in zip(reads, conf):
                 hard = find_nuclei(tile_conf, cfg.high)
                 low = find_nuclei(tile_conf, cfg.low)
-                y0, x0, y1, x1 = grid.core(r, c)
-                oy, ox = y0 - grid.halo_px, x0 - grid.halo_px  # tile image origin on the slide grid
+                core = grid.core(r, c)
+                oy, ox = core[0] - grid.halo_px, core[1] - grid.halo_px  # tile image origin on the slide grid
                 low_xy = np.stack([low.x, low.y], axis=1)
-                for hy, hx in zip(hard.y, hard.x):
-                    if not (y0 - 0.5 <= hy + oy < y1 - 0.5 and x0 - 0.5 <= hx + ox < x1 - 0.5):
-                        continue  # owned by a neighbouring tile
+                mine = owned(hard.y + oy, hard.x + ox, core)  # the others belong to a neighbouring tile
+                for hy, hx in zip(hard.y[mine], hard.x[mine]):
                     cy, cx = int(round(hy)), int(round(hx))
                     top, left = cy - half, cx - half
                     if top < 0 or left < 0 or top + b > img.shape[0] or left + b > img.shape[1]:
@@ -103,7 +104,7 @@ def mine_slide(path: Path, run_cfg: RunConfig, predictor: Predictor, cfg: AdaptC
                     if slot >= cap:
                         continue
                     images[slot] = img[top : top + b, left : left + b]
-                    masks[slot] = draw_targets((b, b), low_xy - [left, top], radius_px=4)
+                    masks[slot] = draw_targets((b, b), low_xy - [left, top], radius_px=cfg.disk_radius_px)
                     positions[slot] = (cx + ox, cy + oy)
         n = min(seen, cap)
         mpp = run_cfg.model_mpp
@@ -255,7 +256,8 @@ def adapt(inputs: list[Path], out_path: Path, work_dir: Path, run_cfg: RunConfig
         raise ValueError("no confident nuclei were found in any slide of the cohort: nothing to adapt on "
                          "(is the cohort H&E? is the base model right for it?)")
     train_cfg = TrainConfig(block_px=cfg.block_px, batch_size=cfg.batch_size, epochs=cfg.epochs,
-                            steps_per_epoch=cfg.steps_per_epoch, learning_rate=cfg.learning_rate, seed=cfg.seed)
+                            steps_per_epoch=cfg.steps_per_epoch, learning_rate=cfg.learning_rate, seed=cfg.seed,
+                            disk_radius_px=cfg.disk_radius_px)
     t1 = time.perf_counter()
     state = train(StoreSampler(store, train_cfg), out_path, train_cfg, checkpoint_dir=work_dir / "checkpoints",
                   init_model=predictor.model_path, verbose=2)

@@ -296,10 +296,12 @@ def _detect_sample_region(slide, cfg, predictor, region_px: int | None, seed: in
         cy, cx = h / 2, w / 2
     y0 = int(np.clip(round(cy - side / 2), 0, max(0, h - side)))
     x0 = int(np.clip(round(cx - side / 2), 0, max(0, w - side)))
+    from .stitch import owned
+
     halo = cfg.halo_for(geometry)
     tile = sampler.read(y0 - halo, x0 - halo, side + 2 * halo, side + 2 * halo)
     found = cfg.postprocessor()(predictor(tile[None])[0])
-    keep = (found.y >= halo) & (found.y < halo + side) & (found.x >= halo) & (found.x < halo + side)
+    keep = owned(found.y, found.x, (halo, halo, halo + side, halo + side))
     mpp0 = slide.require_mpp()
     x = map_coords(found.x[keep] - halo + x0, cfg.model_mpp, mpp0)
     y = map_coords(found.y[keep] - halo + y0, cfg.model_mpp, mpp0)

@@ -13,13 +13,21 @@ from .postprocess import Components
 from .tiling import TileGrid
 
 
+def owned(y: np.ndarray, x: np.ndarray, core: tuple[int, int, int, int]) -> np.ndarray:
+    """Which centroids (pixel-index coordinates) a tile with this (y0, x0, y1, x1) core owns: the one rule that
+    stitching, adaptation's mining and explain share, so every nucleus is counted by exactly one tile.
+
+    Pixel i spans [i − 0.5, i + 0.5); a centroid on a boundary belongs to the tile below / to the right."""
+    y0, x0, y1, x1 = core
+    return (y >= y0 - 0.5) & (y < y1 - 0.5) & (x >= x0 - 0.5) & (x < x1 - 0.5)
+
+
 def keep_core(components: Components, grid: TileGrid, row: int, col: int) -> tuple[np.ndarray, ...]:
     """(y, x, confidence, area_px) of the components whose centroid lies in the tile's core, in image pixels."""
-    y0, x0, y1, x1 = grid.core(row, col)
+    y0, x0, _, _ = core = grid.core(row, col)
     y = components.y + (y0 - grid.halo_px)
     x = components.x + (x0 - grid.halo_px)
-    # Centroids on the half-pixel boundary belong to the tile below/right: half-open intervals.
-    inside = (y >= y0 - 0.5) & (y < y1 - 0.5) & (x >= x0 - 0.5) & (x < x1 - 0.5)
+    inside = owned(y, x, core)
     return y[inside], x[inside], components.confidence[inside], components.area_px[inside]
 
 
