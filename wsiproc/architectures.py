@@ -155,13 +155,9 @@ class Geometry:
     receptive_radius_px: int  # half the receptive field, rounded up
     halo_px: int  # receptive radius rounded up to a multiple of size_multiple_px
 
-    @property
-    def name(self) -> str:
-        return f"multiple {self.size_multiple_px} px, halo {self.halo_px} px"
 
-
-def geometry(model) -> Geometry:
-    """Receptive field and pooling multiple, walked layer by layer through the model's graph.
+def _receptive_walk(model) -> dict[int, tuple[float, float]]:
+    """(receptive field, jump) of every layer's output, keyed by id(layer), walked through the model's graph.
 
     Each tensor carries (receptive field, jump = input pixels per step). A k × k convolution adds (k − 1)·jump
     (times its dilation); a pooling of stride s adds (s − 1)·jump and multiplies the jump by s; an upsampling
@@ -171,11 +167,11 @@ def geometry(model) -> Geometry:
     from keras import layers
 
     state: dict[int, tuple[float, float]] = {}
-    multiple = 1.0
+    by_layer: dict[int, tuple[float, float]] = {}
     for layer in model.layers:
         ins = layer.input if isinstance(layer.input, list) else [layer.input]
         if isinstance(layer, layers.InputLayer):
-            state[id(layer.output)] = (1.0, 1.0)
+            state[id(layer.output)] = by_layer[id(layer)] = (1.0, 1.0)
             continue
         rf = max(state[id(t)][0] for t in ins)
         jump = max(state[id(t)][1] for t in ins)
@@ -193,25 +189,32 @@ def geometry(model) -> Geometry:
             jump *= s
         elif isinstance(layer, layers.UpSampling2D):
             jump /= layer.size[0]
-        multiple = max(multiple, jump)
-        state[id(layer.output)] = (rf, jump)
-    rf = state[id(model.outputs[0])][0]
-    m = int(round(multiple))
+        state[id(layer.output)] = by_layer[id(layer)] = (rf, jump)
+    return by_layer
+
+
+def geometry(model) -> Geometry:
+    """Receptive field and pooling multiple of a network, from its layers (`_receptive_walk`)."""
+    walk = _receptive_walk(model)
+    multiple = int(round(max(jump for _, jump in walk.values())))
+    rf = walk[id(model.layers[-1])][0]  # a one-output functional model lists its output layer last
     radius = int(math.ceil(rf / 2))
-    return Geometry(m, radius, int(math.ceil(radius / m) * m))
+    return Geometry(multiple, radius, int(math.ceil(radius / multiple) * multiple))
 
 
 def multiply_adds_per_pixel(model) -> float:
-    """Multiply-adds of one forward pass per input pixel (convolutions only; the rest is negligible)."""
+    """Multiply-adds of one forward pass per input pixel (convolutions only; the rest is negligible).
+
+    A layer whose output has a jump of j input pixels per step computes its per-output-pixel cost on 1/j² of
+    the input's pixels."""
     from keras import layers
 
+    walk = _receptive_walk(model)
     total = 0.0
     for layer in model.layers:
         if not isinstance(layer, (layers.Conv2D, layers.SeparableConv2D, layers.Conv2DTranspose, layers.DepthwiseConv2D)):
             continue
-        out_shape = layer.output.shape  # (None, None, None, C): spatial size unknown, use the scale instead
-        cin = layer.input.shape[-1]
-        cout = out_shape[-1]
+        cin, cout = layer.input.shape[-1], layer.output.shape[-1]
         k = layer.kernel_size[0] * layer.kernel_size[1]
         if isinstance(layer, layers.SeparableConv2D):
             per_out_px = k * cin * layer.depth_multiplier + cin * layer.depth_multiplier * cout
@@ -221,30 +224,5 @@ def multiply_adds_per_pixel(model) -> float:
             per_out_px = k * cin * cout / (layer.strides[0] * layer.strides[1])
         else:
             per_out_px = k * cin * cout
-        total += per_out_px * _scale(model, layer) ** 2
+        total += per_out_px / walk[id(layer)][1] ** 2
     return total
-
-
-def _scale(model, target) -> float:
-    """Output pixels of `target` per input pixel side (1, 1/2, 1/4 …), from the poolings and upsamplings before it."""
-    from keras import layers
-
-    scale: dict[int, float] = {}
-    for layer in model.layers:
-        ins = layer.input if isinstance(layer.input, list) else [layer.input]
-        if isinstance(layer, layers.InputLayer):
-            scale[id(layer.output)] = 1.0
-            continue
-        s = min(scale[id(t)] for t in ins)
-        if isinstance(layer, (layers.MaxPooling2D, layers.AveragePooling2D)):
-            s /= layer.strides[0]
-        elif isinstance(layer, layers.UpSampling2D):
-            s *= layer.size[0]
-        elif isinstance(layer, layers.Conv2DTranspose):
-            s *= layer.strides[0]
-        elif isinstance(layer, (layers.Conv2D, layers.SeparableConv2D)):
-            s /= layer.strides[0]
-        scale[id(layer.output)] = s
-        if layer is target:
-            return s
-    raise ValueError(f"layer {target.name} not in model")

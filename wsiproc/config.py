@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import problem
-from .model import MODEL_MPP, RECEPTIVE_RADIUS_PX, SIZE_MULTIPLE_PX
+from .model import MODEL_MPP, RECEPTIVE_RADIUS_PX, SIZE_MULTIPLE_PX, size_multiple
 from .postprocess import POSTPROCESSES, Postprocess
 
 
@@ -64,7 +64,7 @@ class RunConfig:
     def halo_for(self, geometry: dict) -> int:
         """The halo a tile needs with this model: given, or the receptive radius plus the post-processing's
         reach, at least the 32 px tiles always had, rounded up to the model's size multiple."""
-        multiple = int(geometry.get("size_multiple_px") or SIZE_MULTIPLE_PX)
+        multiple = size_multiple(geometry)
         if self.halo_px is not None:
             if self.halo_px % multiple:
                 raise ValueError(f"halo_px must be a multiple of {multiple} for this model (got {self.halo_px})")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .model import MODEL_MPP
+from .model import MODEL_MPP, size_multiple
 
 __all__ = ["BLOCK_PX", "RULES", "ExplainedBlock", "lrp_relevance", "lrp_relevance_batch", "explain_slide"]
 
@@ -273,6 +273,7 @@ def explain_slide(path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
 def _detect_sample_region(slide, cfg, predictor, region_px: int | None, seed: int):
     """Detections (level-0 x, y) in one random tissue region, or on the whole slide when it is small."""
     from .resample import map_coords
+    from .stitch import owned
     from .tiling import SlideSampler
     from .tissue import tissue_mask
 
@@ -284,7 +285,7 @@ def _detect_sample_region(slide, cfg, predictor, region_px: int | None, seed: in
         det = detect(slide, cfg, predictor).detections
         return np.asarray(det.x_px), np.asarray(det.y_px), None
     geometry = getattr(predictor, "geometry", None) or {}
-    multiple = int(geometry.get("size_multiple_px") or 4)
+    multiple = size_multiple(geometry)
     side = max(BLOCK_PX, int(region_px) // multiple * multiple)
     mask = tissue_mask(sampler)
     ys, xs = np.nonzero(mask.mask)
@@ -296,8 +297,6 @@ def _detect_sample_region(slide, cfg, predictor, region_px: int | None, seed: in
         cy, cx = h / 2, w / 2
     y0 = int(np.clip(round(cy - side / 2), 0, max(0, h - side)))
     x0 = int(np.clip(round(cx - side / 2), 0, max(0, w - side)))
-    from .stitch import owned
-
     halo = cfg.halo_for(geometry)
     tile = sampler.read(y0 - halo, x0 - halo, side + 2 * halo, side + 2 * halo)
     found = cfg.postprocessor()(predictor(tile[None])[0])

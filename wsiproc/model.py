@@ -25,12 +25,20 @@ SIZE_MULTIPLE_PX = 4
 #: Half the receptive field, rounded up to a multiple of 4: the halo a tile needs for seamless output.
 RECEPTIVE_RADIUS_PX = 32
 
+
+
+def size_multiple(geometry: dict | None) -> int:
+    """Input sides must be multiples of this for a model with `geometry` (`Predictor.geometry`; the paper
+    network's 4 when a model does not say)."""
+    return int((geometry or {}).get("size_multiple_px") or SIZE_MULTIPLE_PX)
+
+
 MODELS_DIR = Path(__file__).parent / "models"
 DEFAULT_MODEL_PATH = MODELS_DIR / "default.keras"
 #: Shipped models by name (see models/README.md, the model card): `--model NAME`.
 SHIPPED_MODELS = {
     "default": DEFAULT_MODEL_PATH,
-    "paper": MODELS_DIR / "default.keras",  # the default is the paper's network, retrained on four domains
+    "paper": DEFAULT_MODEL_PATH,  # the default is the paper's network, retrained on four domains
     "lean": MODELS_DIR / "lean.keras",  # vgg-lean: VGG stem, separable head, skips
     "unet": MODELS_DIR / "unet.keras",  # plain 4-level U-Net of width 16
 }

@@ -23,7 +23,7 @@ from .config import RunConfig
 from .detections import Detections
 from .errors import problem
 from .inference import Predictor
-from .model import SIZE_MULTIPLE_PX
+from .model import size_multiple
 from .postprocess import Postprocess
 from .resample import map_coords
 from .slide import Slide, SlideError, open_slide
@@ -51,7 +51,7 @@ def plan_tiles(sampler: SlideSampler, cfg: RunConfig, geometry: dict | None = No
     warnings, and the tissue mask itself (None when off or unreadable). `geometry` is the model's
     (`Predictor.geometry`): its size multiple and receptive radius set the grid's multiple and halo."""
     geometry = geometry or {}
-    multiple = int(geometry.get("size_multiple_px") or SIZE_MULTIPLE_PX)
+    multiple = size_multiple(geometry)
     if cfg.tile_px % multiple:
         raise ValueError(f"tile_px must be a multiple of {multiple} for this model (got {cfg.tile_px})")
     h, w = sampler.shape_hw()
@@ -280,7 +280,7 @@ def run_slide(path: str | Path, out_dir: str | Path, cfg: RunConfig, predictor: 
             "wsiproc_version": __version__,
             "input": {**slide_summary(slide), **(extra_input or {})},
             "model": {"path": str(predictor.model_path), "sha256": predictor.sha256, "device": predictor.device,
-                      "precision": getattr(predictor, "precision", "float32"), "engine": getattr(predictor, "engine", "tensorflow")},
+                      "precision": getattr(predictor, "precision", "float32")},
             "engine": engine_record(predictor),
             "parameters": cfg.to_dict(),
             "mpp_used": mpp0,

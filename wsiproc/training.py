@@ -7,6 +7,7 @@ one Gaussian noise.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -251,17 +252,12 @@ def train(
 
 # --- Multi-domain training (four annotated domains, equal sampling, augmentation beyond the paper) ---------
 
-#: Stain vectors of haematoxylin, eosin and DAB (Ruifrok & Johnston), as rows in optical-density RGB.
-_HED_FROM_OD = None
-
-
+@functools.lru_cache(maxsize=1)
 def _hed_matrices() -> tuple[np.ndarray, np.ndarray]:
-    global _HED_FROM_OD
-    if _HED_FROM_OD is None:
-        from skimage.color import hed_from_rgb, rgb_from_hed
+    """skimage's Ruifrok–Johnston stain matrices (optical-density RGB ↔ haematoxylin, eosin, DAB), as float32."""
+    from skimage.color import hed_from_rgb, rgb_from_hed
 
-        _HED_FROM_OD = (np.asarray(hed_from_rgb, np.float32), np.asarray(rgb_from_hed, np.float32))
-    return _HED_FROM_OD
+    return np.asarray(hed_from_rgb, np.float32), np.asarray(rgb_from_hed, np.float32)
 
 
 @dataclass
