@@ -3,7 +3,7 @@
     python benchmarks/accuracy.py                                   # shipped default, lean and unet + references
     python benchmarks/accuracy.py --models default,runs/x/model.keras --no-reference --csv benchmarks/results/accuracy
 
-Domains and their held-out splits are fixed in `wsiproc.datasets` (MoNuSeg 14, crc-dev every fifth, BRCA-M2C
+Domains and their held-out splits are fixed in `wsiproc.learn.datasets` (MoNuSeg 14, crc-dev every fifth, BRCA-M2C
 test, CoNSeP every fourth). Scoring: one-to-one Hungarian matching within 5 µm, counts summed over a set's
 images (micro-average). Each model runs with its run defaults (`RunConfig`: peaks post-processing, threshold
 0.5) unless --postprocess/--threshold say otherwise. Reference rows: the model shipped before the four-domain
@@ -21,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wsiproc import datasets  # noqa: E402
+from wsiproc.learn import datasets  # noqa: E402
 from wsiproc.config import RunConfig  # noqa: E402
-from wsiproc.evaluate import Score, detect_images, evaluate_sets, format_table, write_scores_csv  # noqa: E402
+from wsiproc.evaluate.scoring import Score, detect_images, evaluate_sets, format_table, write_scores_csv  # noqa: E402
 
 
 def classical_detector(rgb: np.ndarray, mpp: float) -> np.ndarray:
@@ -87,8 +87,8 @@ def main() -> None:
     ap.add_argument("--csv", type=Path, default=None, help="folder for per-image score tables")
     ap.add_argument("--verbose", action="store_true", help="per-image tables")
     args = ap.parse_args()
-    from wsiproc.inference import Predictor
-    from wsiproc.model import resolve_model_path
+    from wsiproc.detection.inference import Predictor
+    from wsiproc.detection.model import resolve_model_path
 
     if args.csv:
         args.csv.mkdir(parents=True, exist_ok=True)

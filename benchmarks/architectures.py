@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accuracy import evaluate_model  # noqa: E402
 
-from wsiproc import datasets  # noqa: E402
+from wsiproc.learn import datasets  # noqa: E402
 from wsiproc.config import RunConfig  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def cpu_name() -> str:
 
 
 def tiles_for(halo_px: int, data: Path, n: int = 4, core_px: int = 512) -> np.ndarray:
-    from wsiproc.resample import rescale_rgb
+    from wsiproc.io.resample import rescale_rgb
 
     side = core_px + 2 * halo_px
     ims = datasets.domain("monuseg", data, "held_out")[:n]
@@ -88,9 +88,9 @@ def main() -> None:
     args = ap.parse_args()
     import keras
 
-    from wsiproc.architectures import geometry, multiply_adds_per_pixel
-    from wsiproc.inference import Predictor
-    from wsiproc.model import load_model, resolve_model_path
+    from wsiproc.detection.architectures import geometry, multiply_adds_per_pixel
+    from wsiproc.detection.inference import Predictor
+    from wsiproc.detection.model import load_model, resolve_model_path
 
     models = [(lab, resolve_model_path(p)) for lab, p in (item.split("=", 1) for item in args.models.split(","))]
     engines = args.engines.split(",")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wsiproc.detections import Detections
-from wsiproc.export import write_csv, write_geojson
+from wsiproc.detection.detections import Detections
+from wsiproc.outputs.formats import write_csv, write_geojson
 
 
 def main() -> None:

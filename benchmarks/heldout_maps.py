@@ -16,9 +16,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wsiproc import datasets  # noqa: E402
-from wsiproc.evaluate import evaluate_sets  # noqa: E402
-from wsiproc.resample import map_coords, rescale_rgb  # noqa: E402
+from wsiproc.learn import datasets  # noqa: E402
+from wsiproc.evaluate.scoring import evaluate_sets  # noqa: E402
+from wsiproc.io.resample import map_coords, rescale_rgb  # noqa: E402
 
 MODEL_MPP = 0.5
 
@@ -26,7 +26,7 @@ MODEL_MPP = 0.5
 def compute_maps(model_path: str, data: Path, split: str = "held_out") -> dict:
     import keras
 
-    from wsiproc.architectures import geometry
+    from wsiproc.detection.architectures import geometry
 
     model = keras.models.load_model(model_path, compile=False, safe_mode=True)
     m = geometry(model).size_multiple_px
@@ -73,7 +73,7 @@ def main() -> None:
         np.savez_compressed(args.cache, **r["maps"])
         print(f"{args.model}: {r['mp']:.1f} MP in {r['seconds']:.0f} s")
     maps = dict(np.load(args.cache))
-    from wsiproc.postprocess import find_nuclei, find_peaks
+    from wsiproc.detection.postprocess import find_nuclei, find_peaks
 
     rows = [(f"components t={t}", lambda c, t=t: find_nuclei(c, t)) for t in (0.3, 0.4, 0.5, 0.6)]
     rows += [(f"peaks t={t} d={d} s={s}", lambda c, t=t, d=d, s=s: find_peaks(c, t, d, s))

@@ -26,7 +26,7 @@ SAMPLE = Path(__file__).resolve().parents[1] / "wsiproc" / "sample" / "CMU-1-Sma
 def make_slide(path: Path, size: int) -> None:
     import tifffile
 
-    from wsiproc.slide import open_slide
+    from wsiproc.io.slide import open_slide
 
     sample = open_slide(SAMPLE)
     w, h = sample.dimensions
@@ -51,7 +51,7 @@ def make_slide(path: Path, size: int) -> None:
 def tiny_model(path: Path) -> None:
     import keras
 
-    from wsiproc.model import save_model
+    from wsiproc.detection.model import save_model
 
     inputs = keras.Input((None, None, 3))
     outputs = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")(inputs)

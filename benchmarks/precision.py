@@ -3,7 +3,7 @@
     python benchmarks/precision.py [--model wsiproc/models/default.keras] [--int8 X.int8.xml] [--data ../shared/data]
                                    [--domains monuseg,crc,brca,consep] [--record]
 
-For each held-out domain (splits fixed in wsiproc.datasets): F1 (5 µm, one-to-one, micro-averaged, through
+For each held-out domain (splits fixed in wsiproc.learn.datasets): F1 (5 µm, one-to-one, micro-averaged, through
 `detect` as a run does) of OpenVINO float32, bfloat16 (where the CPU has it) and int8, and each one's loss
 against float32. auto may use a precision only if its loss is <= 0.005 on every domain (`engines.F1_TOLERANCE`).
 The int8 model is the one beside `--model`, else `--int8`, else quantized here with the default recipe (training
@@ -19,11 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from wsiproc import datasets
-from wsiproc.engines import F1_TOLERANCE, cpu_info, int8_path_for, openvino_version
-from wsiproc.inference import Predictor
-from wsiproc.model import DEFAULT_MODEL_PATH
-from wsiproc.quantize import domain_crops, domain_f1, quantize_model, record_validation
+from wsiproc.learn import datasets
+from wsiproc.detection.engines import F1_TOLERANCE, cpu_info, int8_path_for, openvino_version
+from wsiproc.detection.inference import Predictor
+from wsiproc.detection.model import DEFAULT_MODEL_PATH
+from wsiproc.learn.quantize import domain_crops, domain_f1, quantize_model, record_validation
 
 
 def main() -> None:

@@ -29,15 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-from wsiproc import datasets
+from wsiproc.learn import datasets
 from wsiproc.config import RunConfig
-from wsiproc.engines import F1_TOLERANCE, cpu_info, int8_path_for, openvino_version, tensorflow_gpus
-from wsiproc.inference import Predictor
-from wsiproc.model import DEFAULT_MODEL_PATH
-from wsiproc.pipeline import detect, plan_tiles
-from wsiproc.quantize import domain_crops, domain_f1, quantize_model
-from wsiproc.slide import open_slide
-from wsiproc.tiling import SlideSampler, halo_tiles
+from wsiproc.detection.engines import F1_TOLERANCE, cpu_info, int8_path_for, openvino_version, tensorflow_gpus
+from wsiproc.detection.inference import Predictor
+from wsiproc.detection.model import DEFAULT_MODEL_PATH
+from wsiproc.detection.loop import detect, plan_tiles
+from wsiproc.learn.quantize import domain_crops, domain_f1, quantize_model
+from wsiproc.io.slide import open_slide
+from wsiproc.detection.tiling import SlideSampler, halo_tiles
 
 SAMPLE_SLIDE = Path(__file__).resolve().parents[1] / "wsiproc" / "sample" / "CMU-1-Small-Region.svs"
 BASELINE = "tensorflow float32"

@@ -1,4 +1,4 @@
-"""Train the shipped default model on the 16 MoNuSeg training images (split fixed in wsiproc.datasets).
+"""Train the shipped default model on the 16 MoNuSeg training images (split fixed in wsiproc.learn.datasets).
 
     python benchmarks/train_default.py --data ../shared/data/monuseg-train --out wsiproc/models/default.keras \
         --work runs/default [--epochs N --steps-per-epoch N --lr …]
@@ -11,8 +11,8 @@ import argparse
 import json
 import time
 
-from wsiproc import datasets
-from wsiproc.training import TrainConfig, TrainingImage, train
+from wsiproc.learn import datasets
+from wsiproc.learn.training import TrainConfig, TrainingImage, train
 
 
 def main() -> None:

@@ -38,8 +38,8 @@ _SAMPLER = None
 def pack(data: Path, out: Path) -> None:
     from PIL import Image
 
-    from wsiproc import datasets
-    from wsiproc.training import TrainingImage
+    from wsiproc.learn import datasets
+    from wsiproc.learn.training import TrainingImage
 
     arrays: dict[str, np.ndarray] = {}
     for name in datasets.DOMAINS:
@@ -64,7 +64,7 @@ def pack(data: Path, out: Path) -> None:
 def load_pack(path: Path, domains: list[str] | None = None) -> dict:
     from PIL import Image
 
-    from wsiproc.training import TrainingImage
+    from wsiproc.learn.training import TrainingImage
 
     out: dict[str, list] = {}
     with np.load(path) as data:
@@ -79,7 +79,7 @@ def load_pack(path: Path, domains: list[str] | None = None) -> dict:
 
 def _init_worker(pack_path: str, domains: list[str] | None, crop: int, batch: int, radius: float, flips_only: bool, seed: int) -> None:
     global _SAMPLER
-    from wsiproc.training import AugmentConfig, DomainSampler
+    from wsiproc.learn.training import AugmentConfig, DomainSampler
 
     aug = AugmentConfig.flips_only() if flips_only else AugmentConfig()
     _SAMPLER = DomainSampler(load_pack(Path(pack_path), domains), crop, batch, radius, aug, seed)
@@ -100,7 +100,7 @@ def train(args: argparse.Namespace) -> None:
 
     import keras
 
-    from wsiproc import architectures
+    from wsiproc.detection import architectures
 
     keras.utils.set_random_seed(args.seed)
     if last.is_file() and state["step"] > 0:

@@ -35,7 +35,7 @@ def slides(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def shipped_model() -> Path:
     """The model inside the package: what `wsiproc run` uses without --model."""
-    from wsiproc.model import DEFAULT_MODEL_PATH
+    from wsiproc.detection.model import DEFAULT_MODEL_PATH
 
     if not DEFAULT_MODEL_PATH.is_file():
         pytest.fail(f"the shipped model is missing at {DEFAULT_MODEL_PATH}")
@@ -54,7 +54,7 @@ def save_tiny_model(path: Path) -> Path:
     import keras
     import numpy as np
 
-    from wsiproc.model import save_model
+    from wsiproc.detection.model import save_model
 
     rgb = keras.Input((None, None, 3))
     conv = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")
@@ -71,7 +71,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def predictor(shipped_model: Path):
-    from wsiproc.inference import Predictor
+    from wsiproc.detection.inference import Predictor
 
     return Predictor(shipped_model)
 
@@ -81,7 +81,7 @@ def make_detections():
     """Random but seeded detections over a `width_px` × `height_px` slide, for the writers' tests."""
     import numpy as np
 
-    from wsiproc.detections import Detections
+    from wsiproc.detection.detections import Detections
 
     def make(seed: int, n: int, width_px: float, height_px: float, confidence: tuple[float, float], area_um2: tuple[float, float]) -> Detections:
         rng = np.random.default_rng(seed)

@@ -34,7 +34,8 @@ def _adapt(cohort: list[Path], out: Path, work: Path, *extra: str):
 def test_adapt_mines_a_block_store_fine_tunes_and_records_provenance(tmp_path: Path, cohort, shipped_model) -> None:
     import zarr
 
-    from wsiproc.model import file_sha256, load_model
+    from wsiproc.io.files import file_sha256
+    from wsiproc.detection.model import load_model
 
     out, work = tmp_path / "adapted.keras", tmp_path / "work"
     result = _adapt(cohort, out, work)
@@ -63,7 +64,7 @@ def test_adapt_mines_a_block_store_fine_tunes_and_records_provenance(tmp_path: P
 
 
 def test_a_half_written_slide_in_the_store_is_dropped_on_resume(tmp_path: Path) -> None:
-    from wsiproc.adapt import BlockStore, MinedSlide
+    from wsiproc.learn.adapt import BlockStore, MinedSlide
 
     store = BlockStore(tmp_path / "blocks.zarr", 64)
     mined = MinedSlide(np.zeros((5, 64, 64, 3), np.uint8), np.zeros((5, 64, 64), bool), np.zeros((5, 2)), 7, 0.1)

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsiproc import architectures
-from wsiproc.postprocess import find_nuclei, find_peaks
-from wsiproc.resample import rescale_rgb
+from wsiproc.detection import architectures
+from wsiproc.detection.postprocess import find_nuclei, find_peaks
+from wsiproc.io.resample import rescale_rgb
 
 
 @pytest.mark.parametrize("arch, multiple, halo", [("paper", 4, 28), ("vgg-lean", 4, 20), ("unet", 8, 48)])

@@ -26,8 +26,8 @@ import pytest
 from conftest import wait_for
 from PIL import Image
 
-from wsiproc import claims, summary
-from wsiproc.claims import HOST, Claim
+from wsiproc.cohort import claims, summary
+from wsiproc.cohort.claims import HOST, Claim
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 300  # TensorFlow's start and six small slides, on a busy 2-core machine
@@ -87,9 +87,9 @@ def _bookkeeping_left(out: Path) -> list[str]:
 
 
 def _assert_complete(out: Path, inputs: list[Path], model: Path) -> None:
-    from wsiproc.batch import is_complete
+    from wsiproc.cohort.batch import is_complete
     from wsiproc.config import RunConfig
-    from wsiproc.model import file_sha256
+    from wsiproc.io.files import file_sha256
 
     cfg, sha = RunConfig(model_path=str(model), mpp=0.5), file_sha256(model)
     assert all(is_complete(out, p.stem, p, cfg, sha) for p in inputs), "some outputs are incomplete"

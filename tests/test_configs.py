@@ -39,7 +39,7 @@ def test_bad_configs_are_refused_before_any_work(tmp_path: Path, text: str, mess
 
 
 def test_command_line_options_override_the_config_file(tmp_path: Path, monkeypatch) -> None:
-    import wsiproc.batch as batch
+    import wsiproc.cohort.batch as batch
 
     seen = {}
 
@@ -55,7 +55,7 @@ def test_command_line_options_override_the_config_file(tmp_path: Path, monkeypat
 
 
 def test_adapt_yaml_holds_every_adapt_parameter_with_the_papers_values() -> None:
-    from wsiproc.adapt import AdaptConfig
+    from wsiproc.learn.adapt import AdaptConfig
 
     values = load_config_file(CONFIGS / "adapt.yaml", AdaptConfig)
     cfg = AdaptConfig(**values).validate()

@@ -1,6 +1,6 @@
 """The engines: OpenVINO and TensorFlow find the same nuclei, reduced precision keeps F1, the choice rule, the cache.
 
-Small networks built from `wsiproc.architectures` (random weights) check that every architecture converts to
+Small networks built from `wsiproc.detection.architectures` (random weights) check that every architecture converts to
 OpenVINO with the same output as TensorFlow; the shipped network on real held-out images checks what matters to
 a user: the same nuclei in float32, and F1 within `F1_TOLERANCE` in bfloat16 and int8. Every test uses its own
 cache folder, so the cache tests see exactly what they did.
@@ -21,18 +21,18 @@ from click.testing import CliRunner
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
-from wsiproc import engines
+from wsiproc.detection import engines
 from wsiproc.config import RunConfig
-from wsiproc.engines import F1_TOLERANCE, cpu_info, resolve
-from wsiproc.inference import Predictor
-from wsiproc.pipeline import detect
-from wsiproc.slide import open_slide
+from wsiproc.detection.engines import F1_TOLERANCE, cpu_info, resolve
+from wsiproc.detection.inference import Predictor
+from wsiproc.detection.loop import detect
+from wsiproc.io.slide import open_slide
 
 HELD_OUT_IMAGE = "TCGA-A7-A13E-01Z-00-DX1.tif"  # breast, never trained on nor calibrated on
 
 
 def _save(model, path: Path) -> Path:
-    from wsiproc.model import save_model
+    from wsiproc.detection.model import save_model
 
     return save_model(model, path)
 
@@ -42,7 +42,7 @@ def small_models(tmp_path_factory) -> dict[str, Path]:
     """A U-Net (size multiple 8, transposed convolutions) and vgg-lean (upsampling, skips, separable convolutions)."""
     import keras
 
-    from wsiproc.architectures import build
+    from wsiproc.detection.architectures import build
 
     keras.utils.set_random_seed(0)
     folder = tmp_path_factory.mktemp("models")
@@ -148,7 +148,7 @@ def test_engine_threads_follow_the_environment_and_a_dask_workers_share(monkeypa
 
 
 def test_the_cache_is_reused_and_rebuilt_when_the_model_file_changes(small_models, cache, tmp_path: Path) -> None:
-    from wsiproc.model import load_model
+    from wsiproc.detection.model import load_model
 
     path = Path(shutil.copy(small_models["unet"], tmp_path / "m.keras"))
     tiles = _tiles((1, 64, 64, 3), seed=1)
@@ -198,7 +198,7 @@ def test_a_corrupt_cache_entry_is_rebuilt_not_trusted(small_models, cache, damag
 
 
 def test_processes_starting_together_share_one_cache_entry(small_models, cache) -> None:
-    script = ("import sys; from wsiproc.inference import Predictor; import numpy as np; "
+    script = ("import sys; from wsiproc.detection.inference import Predictor; import numpy as np; "
               "p = Predictor(sys.argv[1], 'float32', 'openvino'); "
               "print(float(p(np.full((1, 64, 64, 3), 128, np.uint8)).sum()))")
     procs = [subprocess.Popen([sys.executable, "-c", script, str(small_models["vgg-lean"])], stdout=subprocess.PIPE,
@@ -251,9 +251,9 @@ def test_both_engines_find_the_same_nuclei_in_float32_through_the_pipeline(share
 
 
 def test_bfloat16_and_int8_keep_f1_within_tolerance_on_held_out_images(shared_data: Path, shipped_copy: Path) -> None:
-    from wsiproc import datasets
-    from wsiproc.engines import int8_path_for
-    from wsiproc.quantize import domain_crops, domain_f1, quantize_model
+    from wsiproc.learn import datasets
+    from wsiproc.detection.engines import int8_path_for
+    from wsiproc.learn.quantize import domain_crops, domain_f1, quantize_model
 
     int8 = quantize_model(shipped_copy, domain_crops(shared_data, n_crops=32), int8_path_for(shipped_copy))
     held = datasets.domain("monuseg", shared_data, "held_out")
@@ -271,8 +271,8 @@ def test_bfloat16_and_int8_keep_f1_within_tolerance_on_held_out_images(shared_da
 
 @pytest.fixture(scope="module")
 def unet_int8(small_models, shared_data: Path, tmp_path_factory) -> tuple[Path, Path]:
-    from wsiproc.engines import int8_path_for
-    from wsiproc.quantize import domain_crops, quantize_model
+    from wsiproc.detection.engines import int8_path_for
+    from wsiproc.learn.quantize import domain_crops, quantize_model
 
     model = Path(shutil.copy(small_models["unet"], tmp_path_factory.mktemp("unet8") / "unet.keras"))
     return model, quantize_model(model, domain_crops(shared_data, n_crops=4, images_per_domain=1), int8_path_for(model))
@@ -281,8 +281,8 @@ def unet_int8(small_models, shared_data: Path, tmp_path_factory) -> tuple[Path, 
 @pytest.mark.parametrize("losses, picked", [((0.001, -0.002, 0.005, 0.0), "int8"), ((0.001, 0.006, 0.0, 0.0), "bfloat16"),
                                             ((0.001, 0.0, 0.0), "bfloat16")])
 def test_auto_picks_int8_only_when_validated_on_every_held_out_domain(unet_int8, monkeypatch, losses, picked) -> None:
-    from wsiproc.datasets import DOMAINS
-    from wsiproc.quantize import record_validation
+    from wsiproc.learn.datasets import DOMAINS
+    from wsiproc.learn.quantize import record_validation
 
     model, int8 = unet_int8
     _cpu(monkeypatch, ("FP32", "BF16", "INT8"))
@@ -295,7 +295,7 @@ def test_auto_picks_int8_only_when_validated_on_every_held_out_domain(unet_int8,
 
 
 def test_a_stale_int8_model_is_refused_and_never_picked_by_auto(unet_int8, tmp_path: Path, monkeypatch) -> None:
-    from wsiproc.quantize import sidecar_path
+    from wsiproc.learn.quantize import sidecar_path
 
     model, int8 = unet_int8
     _cpu(monkeypatch, ("FP32", "BF16", "INT8"))

@@ -11,18 +11,10 @@ import pytest
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
-from wsiproc.annotations import read_points
-from wsiproc.detections import Detections
-from wsiproc.evaluate import (
-    Score,
-    evaluate_sets,
-    format_table,
-    match_points,
-    read_predictions,
-    score_image,
-    write_scores_csv,
-)
-from wsiproc.export import write_csv
+from wsiproc.evaluate.annotations import read_points
+from wsiproc.detection.detections import Detections
+from wsiproc.evaluate.scoring import Score, evaluate_sets, format_table, match_points, read_predictions, score_image, write_scores_csv
+from wsiproc.outputs.formats import write_csv
 
 MONUSEG_IMAGE = "TCGA-18-5592-01Z-00-DX1"
 

@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from wsiproc.explain import BLOCK_PX, RULES, lrp_relevance, lrp_relevance_batch
-from wsiproc.postprocess import find_nuclei
-from wsiproc.resample import rescale_rgb
+from wsiproc.evaluate.explain import BLOCK_PX, RULES, lrp_relevance, lrp_relevance_batch
+from wsiproc.detection.postprocess import find_nuclei
+from wsiproc.io.resample import rescale_rgb
 
 CRC_MPP = 0.55
 

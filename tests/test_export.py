@@ -12,19 +12,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from wsiproc.detections import Detections
-from wsiproc.export import (
-    atomic_path,
-    atomic_write_text,
-    density_map,
-    read_run_record,
-    write_csv,
-    write_density_png,
-    write_density_tiff,
-    write_geojson,
-    write_outputs,
-    write_run_record,
-)
+from wsiproc.detection.detections import Detections
+from wsiproc.io.files import atomic_path, atomic_write_text
+from wsiproc.outputs.formats import density_map, write_csv, write_density_png, write_density_tiff, write_geojson, write_outputs
+from wsiproc.outputs.record import read_run_record, write_run_record
 
 MPP = 0.25
 

@@ -17,7 +17,7 @@ def test_confidence_maps_have_the_tiles_shape_and_lie_in_0_1(predictor) -> None:
 def test_an_out_of_memory_batch_is_split_instead_of_failing(shipped_model) -> None:
     import tensorflow as tf
 
-    from wsiproc.inference import Predictor
+    from wsiproc.detection.inference import Predictor
 
     predictor = Predictor(shipped_model)
     real_forward = predictor._forward

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from wsiproc.model import load_model, subpixel_head
+from wsiproc.detection.model import load_model, subpixel_head
 
 
 def _rewritten(model: keras.Model, x: np.ndarray) -> np.ndarray:
@@ -49,8 +49,8 @@ def test_a_small_model_ending_in_nearest_upsampling_is_rewritten_exactly() -> No
 
 
 def test_mixed_float16_finds_the_same_nuclei_as_float32(shared_data: Path, shipped_model: Path) -> None:
-    from wsiproc.inference import Predictor
-    from wsiproc.postprocess import find_nuclei
+    from wsiproc.detection.inference import Predictor
+    from wsiproc.detection.postprocess import find_nuclei
 
     half = Predictor(shipped_model, precision="mixed_float16")
     predictor = Predictor(shipped_model, engine="tensorflow", precision="float32")  # the reference, on any machine

@@ -9,9 +9,9 @@ from PIL import Image
 from scipy.spatial import cKDTree
 
 from wsiproc.config import RunConfig
-from wsiproc.pipeline import detect, plan_tiles
-from wsiproc.slide import open_slide
-from wsiproc.tiling import SlideSampler
+from wsiproc.detection.loop import detect, plan_tiles
+from wsiproc.io.slide import open_slide
+from wsiproc.detection.tiling import SlideSampler
 
 
 def _monuseg_image(shared_data: Path) -> Path:
@@ -39,8 +39,8 @@ def test_tiled_output_equals_untiled_output(shared_data: Path, predictor, untile
 
 def test_tiled_output_equals_untiled_output_for_a_lean_network_with_peaks(shared_data: Path) -> None:
     # The U-Net pools three times (sides multiple of 8, halo 56 with the peaks rule): seams must still vanish.
-    from wsiproc.inference import Predictor
-    from wsiproc.model import resolve_model_path
+    from wsiproc.detection.inference import Predictor
+    from wsiproc.detection.model import resolve_model_path
 
     unet = Predictor(resolve_model_path("unet"), engine="tensorflow", precision="float32")
     assert unet.geometry["size_multiple_px"] == 8
@@ -89,7 +89,7 @@ def test_background_tiles_are_not_sent_to_the_model(tmp_path: Path, shared_data:
 
 
 def test_a_local_dask_cluster_gives_exactly_the_local_result(shared_data: Path, predictor) -> None:
-    from wsiproc.cluster import dask_client
+    from wsiproc.cohort.cluster import dask_client
 
     slide = open_slide(_monuseg_image(shared_data), mpp=0.25)
     cfg = RunConfig(tile_px=128, batch_size=2, tissue_mask=False)  # 16 tiles in 8 batches over two workers

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsiproc.detections import Detections
-from wsiproc.export import density_map
-from wsiproc.qc import qc_crop, write_qc_png
-from wsiproc.slide import open_slide
-from wsiproc.tiling import SlideSampler
-from wsiproc.tissue import tissue_mask
+from wsiproc.detection.detections import Detections
+from wsiproc.outputs.formats import density_map
+from wsiproc.outputs.qc import qc_crop, write_qc_png
+from wsiproc.io.slide import open_slide
+from wsiproc.detection.tiling import SlideSampler
+from wsiproc.detection.tissue import tissue_mask
 
 
 def _annotated(slides: Path, image: str) -> tuple[Path, Detections]:

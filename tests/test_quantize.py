@@ -18,7 +18,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
 from wsiproc.cli import main
-from wsiproc.model import file_sha256
+from wsiproc.io.files import file_sha256
 
 CALIBRATION_GLOB = "TCGA-[13]8-*-01Z-00-DX1.tif"  # two training images: TCGA-18-5592, TCGA-38-6178
 HELD_OUT_IMAGE = "TCGA-A7-A13E-01Z-00-DX1.tif"  # breast, never trained on nor calibrated on
@@ -40,14 +40,14 @@ def held_out_crop(shared_data: Path) -> np.ndarray:
     """A 256 × 256 crop at 0.5 µm/px of a held-out MoNuSeg image (stored at 0.25 µm/px)."""
     from PIL import Image
 
-    from wsiproc.resample import rescale_rgb
+    from wsiproc.io.resample import rescale_rgb
 
     rgb = np.asarray(Image.open(shared_data / "monuseg-train" / "images" / HELD_OUT_IMAGE).convert("RGB"))
     return rescale_rgb(rgb, 0.25, 0.5)[96:352, 96:352][None]
 
 
 def test_the_quantize_command_writes_an_int8_model_beside_the_source_with_its_provenance(converted) -> None:
-    from wsiproc.engines import ir_sha256
+    from wsiproc.detection.engines import ir_sha256
 
     source, xml, result = converted
     assert result.exit_code == 0, result.output
@@ -56,7 +56,7 @@ def test_the_quantize_command_writes_an_int8_model_beside_the_source_with_its_pr
     assert record["source_sha256"] == file_sha256(source) and record["xml_sha256"] == file_sha256(xml)
     assert record["bin_sha256"] == file_sha256(xml.with_suffix(".bin")) and record["ir_sha256"] == ir_sha256(xml)
     assert record["precision"] == "int8" and record["calibration"]["crops"] == 8 and record["geometry"]["size_multiple_px"] in (4, 8)
-    from wsiproc.model import load_model
+    from wsiproc.detection.model import load_model
 
     float32_bytes = 4 * load_model(source).count_params()
     assert xml.with_suffix(".bin").stat().st_size < 0.4 * float32_bytes  # int8 weights: a quarter of float32's
@@ -64,8 +64,8 @@ def test_the_quantize_command_writes_an_int8_model_beside_the_source_with_its_pr
 
 
 def test_the_int8_predictor_reports_its_own_file_and_keeps_the_contract(converted) -> None:
-    from wsiproc.engines import ir_sha256
-    from wsiproc.inference import Predictor
+    from wsiproc.detection.engines import ir_sha256
+    from wsiproc.detection.inference import Predictor
 
     _, xml, _ = converted
     predictor = Predictor(xml)
@@ -84,8 +84,8 @@ def test_the_int8_predictor_reports_its_own_file_and_keeps_the_contract(converte
 
 
 def test_int8_finds_the_same_nuclei_as_float32_on_a_held_out_image(converted, held_out_crop) -> None:
-    from wsiproc.inference import Predictor
-    from wsiproc.postprocess import find_nuclei
+    from wsiproc.detection.inference import Predictor
+    from wsiproc.detection.postprocess import find_nuclei
 
     source, xml, _ = converted
     conf32 = Predictor(source, "float32", "openvino")(held_out_crop)[0]
@@ -103,7 +103,7 @@ def test_int8_finds_the_same_nuclei_as_float32_on_a_held_out_image(converted, he
 
 
 def test_a_stale_or_replaced_int8_model_is_refused_naming_it(converted, tmp_path: Path) -> None:
-    from wsiproc.inference import Predictor
+    from wsiproc.detection.inference import Predictor
 
     source, xml, _ = converted
     for part in (xml, xml.with_suffix(".bin"), xml.with_name(xml.name + ".json")):

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsiproc.detections import Detections
-from wsiproc.export import write_csv, write_geojson
+from wsiproc.detection.detections import Detections
+from wsiproc.outputs.formats import write_csv, write_geojson
 
 QUPATH_LEGACY_TYPE_IDS = {"PathTileObject", "PathCellObject", "TMACoreObject", "PathDetectionObject", "PathRootObject",
                           "PathAnnotationObject"}

@@ -44,7 +44,7 @@ OUTPUT_SUFFIXES = (".csv", ".geojson", "_density.tiff", "_density.png", "_qc.png
 
 @pytest.fixture(scope="session")
 def tiny_predictor(tiny_model: Path):
-    from wsiproc.inference import Predictor
+    from wsiproc.detection.inference import Predictor
 
     return Predictor(tiny_model)
 
@@ -174,9 +174,9 @@ def _child_main(jobs_file: str, model: str, slides: str, work: str) -> None:
     os.dup2(2, 1)
     mutants = [Mutant(**job) for job in json.loads(Path(jobs_file).read_text())]
     if any(m.kind in MUTATIONS for m in mutants):  # the keeper's own test needs no model
-        from wsiproc.batch import run_batch
+        from wsiproc.cohort.batch import run_batch
         from wsiproc.config import RunConfig
-        from wsiproc.inference import Predictor
+        from wsiproc.detection.inference import Predictor
 
         predictor = Predictor(model)
     for mutant in mutants:
@@ -418,9 +418,9 @@ def test_a_run_killed_mid_batch_and_rerun_gives_exactly_the_files_of_an_uninterr
 
 
 def test_ctrl_c_mid_batch_exits_130_and_leaves_only_complete_results(tmp_path: Path, slides: Path, tiny_model: Path) -> None:
-    from wsiproc.batch import is_complete
+    from wsiproc.cohort.batch import is_complete
     from wsiproc.config import RunConfig
-    from wsiproc.model import file_sha256
+    from wsiproc.io.files import file_sha256
 
     # A larger last input (30 tiles) keeps the run busy after the signal, even when the machine is slow to poll.
     inputs = [*_three_inputs(tmp_path, slides), Path(shutil.copy(slides / "CMU-1-Small-Region.svs", tmp_path / "in"))]
@@ -538,7 +538,7 @@ def test_strict_fails_the_slide_on_a_corrupt_tile(tmp_path: Path, slide_with_a_c
 
 def test_a_corrupt_tile_in_a_single_level_file_is_skipped_too(tmp_path: Path, shared_data: Path, tiny_predictor) -> None:
     """Without a pyramid the tissue mask is read from level 0 as well, and meets the damage there."""
-    from wsiproc.batch import run_batch
+    from wsiproc.cohort.batch import run_batch
     from wsiproc.config import RunConfig
 
     path = _he_pyramid(tmp_path / "flat.tif", shared_data, levels=1)
@@ -557,9 +557,9 @@ def test_a_corrupt_tile_in_a_single_level_file_is_skipped_too(tmp_path: Path, sh
 
 def test_a_fluorescence_slide_is_flagged_as_not_brightfield(slides: Path) -> None:
     from wsiproc.config import RunConfig
-    from wsiproc.pipeline import plan_tiles
-    from wsiproc.slide import open_slide
-    from wsiproc.tiling import SlideSampler
+    from wsiproc.detection.loop import plan_tiles
+    from wsiproc.io.slide import open_slide
+    from wsiproc.detection.tiling import SlideSampler
 
     slide = open_slide(slides / "test3-DAPI-2-(387).ndpi")
     _, _, info, _ = plan_tiles(SlideSampler.for_slide(slide, 0.5), RunConfig(tile_px=256))
@@ -577,7 +577,7 @@ def test_a_print_resolution_is_not_taken_for_a_pixel_size(tmp_path: Path, slides
     from click.testing import CliRunner
 
     from wsiproc.cli import main
-    from wsiproc.slide import open_slide
+    from wsiproc.io.slide import open_slide
 
     boxes = slides / "openslide-fixtures" / "boxes.tiff"
     slide = open_slide(boxes)

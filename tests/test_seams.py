@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsiproc.postprocess import Components, Postprocess
-from wsiproc.stitch import keep_core, owned
-from wsiproc.tiling import TileGrid
+from wsiproc.detection.postprocess import Components, Postprocess
+from wsiproc.detection.stitch import keep_core, owned
+from wsiproc.detection.tiling import TileGrid
 
 
 def _blobs(h: int, w: int, n: int, seed: int) -> np.ndarray:

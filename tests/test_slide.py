@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsiproc.slide import SlideError, open_slide
-from wsiproc.tiling import SlideSampler, TileGrid, halo_tiles, slide_array
+from wsiproc.io.slide import SlideError, open_slide
+from wsiproc.detection.tiling import SlideSampler, TileGrid, halo_tiles, slide_array
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from wsiproc import datasets
+from wsiproc.learn import datasets
 from wsiproc.cli import main
-from wsiproc.training import BlockSampler, TrainConfig, TrainingImage, augment_block, draw_targets, train
+from wsiproc.learn.training import BlockSampler, TrainConfig, TrainingImage, augment_block, draw_targets, train
 
 
 def test_each_point_becomes_a_disk_of_radius_4_px() -> None:
@@ -55,7 +55,7 @@ def test_training_lowers_the_loss_and_resumes_from_its_checkpoint(tmp_path: Path
     trained = keras.models.load_model(out, safe_mode=True)
     loss_fn = keras.losses.BinaryCrossentropy()
     loss_trained = float(loss_fn(probe_y, trained(probe_x, training=False)))
-    from wsiproc.model import build_model
+    from wsiproc.detection.model import build_model
 
     keras.utils.set_random_seed(3)
     loss_initial = float(loss_fn(probe_y, build_model()(probe_x, training=False)))
@@ -73,7 +73,7 @@ def test_train_command_reads_label_maps_and_writes_a_loadable_model(tmp_path: Pa
     assert "training on 1 images" in result.output
     state = json.loads((tmp_path / "m_checkpoints" / "state.json").read_text())
     assert state["epoch"] == 1 and state["config"]["block_px"] == 32
-    from wsiproc.model import load_model
+    from wsiproc.detection.model import load_model
 
     assert load_model(tmp_path / "m.keras").output_shape == (None, None, None, 1)
 
@@ -85,9 +85,9 @@ def test_the_shipped_model_on_a_fixed_sample_of_every_domains_held_out_images(sh
     (BRCA-M2C), 0.639, 0.863 (CoNSeP), mean 0.820; the previous model scored 0.693 on the same eight.
     """
     from wsiproc.config import RunConfig
-    from wsiproc.evaluate import score_image
-    from wsiproc.pipeline import detect
-    from wsiproc.slide import open_slide
+    from wsiproc.evaluate.scoring import score_image
+    from wsiproc.detection.loop import detect
+    from wsiproc.io.slide import open_slide
 
     f1 = {}
     for name in datasets.DOMAINS:
@@ -100,7 +100,7 @@ def test_the_shipped_model_on_a_fixed_sample_of_every_domains_held_out_images(sh
 
 
 def test_evaluate_command_scores_result_csvs_against_annotations(tmp_path: Path, shared_data: Path) -> None:
-    from wsiproc.annotations import read_points
+    from wsiproc.evaluate.annotations import read_points
 
     truth = read_points(shared_data / "crc-dev" / "points.csv", image="img1")["img1"]
     kept = truth[: int(len(truth) * 0.9)] + 1.0  # 90 % found, each 1 px off
@@ -118,8 +118,8 @@ def test_four_domain_training_of_a_lean_network_lowers_the_loss(tmp_path: Path, 
     """The shipped recipe in small: equal domain sampling, augmentation, a U-Net, on two real images per domain."""
     import keras
 
-    from wsiproc.architectures import build
-    from wsiproc.training import DomainSampler
+    from wsiproc.detection.architectures import build
+    from wsiproc.learn.training import DomainSampler
 
     domains = {name: [TrainingImage.from_level0(a.name, a.read_rgb(), a.points_xy, a.mpp)
                       for a in datasets.domain(name, shared_data, "train")[:2]] for name in datasets.DOMAINS}

@@ -5,8 +5,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import problem
-from .model import MODEL_MPP, RECEPTIVE_RADIUS_PX, SIZE_MULTIPLE_PX, size_multiple
-from .postprocess import POSTPROCESSES, Postprocess
+from .detection.model import MODEL_MPP, RECEPTIVE_RADIUS_PX, SIZE_MULTIPLE_PX, size_multiple
+from .detection.postprocess import POSTPROCESSES, Postprocess
 
 
 @dataclass
@@ -27,7 +27,7 @@ class RunConfig:
     geojson_gz: bool = False
     io_workers: int = 2
     strict: bool = False  # a tile that cannot be decoded fails the slide (default: skipped and reported)
-    precision: str = "auto"  # auto | float32 | bfloat16 | int8 | mixed_float16 (see wsiproc.engines.resolve)
+    precision: str = "auto"  # auto | float32 | bfloat16 | int8 | mixed_float16 (see wsiproc.detection.engines.resolve)
     engine: str = "auto"  # auto (OpenVINO on a CPU, TensorFlow on a GPU) | openvino | tensorflow
 
     def validate(self) -> "RunConfig":

@@ -13,8 +13,8 @@ import dask.array as da
 import numpy as np
 
 from .model import SIZE_MULTIPLE_PX
-from .resample import resample_box
-from .slide import Slide, cached_slide
+from ..io.resample import resample_box
+from ..io.slide import Slide, cached_slide
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .detections import Detections
-from .export import atomic_path
-from .tiling import SlideSampler
-from .tissue import TissueMask
+from ..detection.detections import Detections
+from ..io.files import atomic_path
+from ..detection.tiling import SlideSampler
+from ..detection.tissue import TissueMask
 
 __all__ = ["QCCrop", "qc_crop", "write_qc_png"]
 

@@ -167,7 +167,7 @@ def int8_path_for(model_path: str | Path) -> Path:
 
 def _validated_int8(model_path: Path) -> tuple[Path | None, str]:
     """The int8 IR beside `model_path` if it is fresh and passed the F1 check, else (None, why not)."""
-    from .quantize import check_sidecar, validation_passed
+    from ..learn.quantize import check_sidecar, validation_passed
 
     path = int8_path_for(model_path)
     if not path.is_file():
@@ -190,7 +190,7 @@ def resolve(model_path: str | Path, engine: str = "auto", precision: str = "auto
     if model_path.suffix.lower() == ".xml":  # an OpenVINO IR given as the model: it runs at the precision stored
         if engine == "tensorflow":
             raise ValueError(f"{model_path}: an OpenVINO IR runs only with --engine openvino (or auto)")
-        from .quantize import check_sidecar, stored_precision
+        from ..learn.quantize import check_sidecar, stored_precision
 
         check_sidecar(model_path)  # a stale or replaced file is refused, naming it
         stored = stored_precision(model_path)
@@ -237,7 +237,7 @@ def resolve(model_path: str | Path, engine: str = "auto", precision: str = "auto
         if not path.is_file():
             raise ValueError(f"{model_path}: no int8 model beside it ({path.name}); make one with "
                              f"`wsiproc quantize {model_path} --domains DATA --out {path}`")
-        from .quantize import check_sidecar
+        from ..learn.quantize import check_sidecar
 
         check_sidecar(path, source=model_path)  # a stale int8 file is refused, naming it
         return Choice("openvino", "int8", "CPU", f"{why}; int8 asked for", path)
@@ -294,7 +294,7 @@ def convert_keras(model_path: str | Path):
         try:
             model = ov.convert_model(graph)
         except Exception as exc:  # the converter raises many types
-            from .errors import problem
+            from ..errors import problem
 
             raise ValueError(f"{model_path}: cannot be converted to OpenVINO ({problem(exc)})") from exc
     model.inputs[0].get_tensor().set_names({"rgb"})
@@ -324,7 +324,7 @@ def _sha256_bytes(*parts: bytes) -> str:
 
 def ir_sha256(xml_path: str | Path) -> str:
     """One digest for an IR pair: the sha256 of the .xml's and the .bin's sha256s (weights included)."""
-    from .model import file_sha256
+    from ..io.files import file_sha256
 
     xml_path = Path(xml_path)
     bin_path = xml_path.with_suffix(".bin")
@@ -518,7 +518,7 @@ class ModelCache:
             try:
                 payload = compiled.export_model()
                 payload = payload.getvalue() if hasattr(payload, "getvalue") else bytes(payload)  # BytesIO in 2026.x
-                from .export import atomic_path
+                from ..io.files import atomic_path
 
                 with atomic_path(path) as tmp:
                     tmp.write_bytes(BLOB_MAGIC + _sha256_bytes(payload).encode("ascii") + payload)
@@ -528,7 +528,7 @@ class ModelCache:
 
 
 def problem_of(exc: BaseException) -> str:
-    from .errors import problem
+    from ..errors import problem
 
     return problem(exc)
 
@@ -606,7 +606,7 @@ def load_openvino(model_path: Path, model_sha256: str, choice: Choice, threads: 
         except Exception as exc:
             raise ValueError(f"{choice.ir_path}: not a loadable OpenVINO model ({problem_of(exc)})") from None
         cache.status["ir"] = "file"
-        from .quantize import _read_sidecar
+        from ..learn.quantize import _read_sidecar
 
         geometry = dict((_read_sidecar(choice.ir_path) or {}).get("geometry") or {})
     else:

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from . import claims, summary
-from .config import RunConfig
-from .errors import OutputFolderError, folder_problem, problem
-from .export import RESULT_SUFFIXES
-from .inference import Predictor
-from .pipeline import ProgressFn, run_slide
+from ..config import RunConfig
+from ..errors import OutputFolderError, folder_problem, problem
+from ..outputs.formats import RESULT_SUFFIXES
+from ..detection.inference import Predictor
+from ..detection.loop import ProgressFn
+from .one_slide import run_slide
 
 #: Parameters that change what a run writes; the others (workers, batch size, strictness) do not.
 OUTPUT_PARAMETERS = ("model_mpp", "mpp", "tile_px", "halo_px", "threshold", "postprocess", "min_distance_um",

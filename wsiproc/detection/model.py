@@ -6,7 +6,6 @@ nucleus confidence map of the same size.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -26,14 +25,13 @@ SIZE_MULTIPLE_PX = 4
 RECEPTIVE_RADIUS_PX = 32
 
 
-
 def size_multiple(geometry: dict | None) -> int:
     """Input sides must be multiples of this for a model with `geometry` (`Predictor.geometry`; the paper
     network's 4 when a model does not say)."""
     return int((geometry or {}).get("size_multiple_px") or SIZE_MULTIPLE_PX)
 
 
-MODELS_DIR = Path(__file__).parent / "models"
+MODELS_DIR = Path(__file__).parents[1] / "models"
 DEFAULT_MODEL_PATH = MODELS_DIR / "default.keras"
 #: Shipped models by name (see models/README.md, the model card): `--model NAME`.
 SHIPPED_MODELS = {
@@ -58,7 +56,7 @@ def resolve_model_path(name_or_path: str | Path | None) -> Path:
 
 def build_model(dropout: float = 0.5, vgg16_weights: str | Path | None = None, freeze_vgg: bool = False,
                 arch: str = "paper") -> "keras.Model":
-    """Build a network by name (`wsiproc.architectures`; default the paper's).
+    """Build a network by name (`wsiproc.detection.architectures`; default the paper's).
 
     `vgg16_weights` is the ImageNet VGG-16 block 1–2 `.npz` (torchvision's weights, see
     ../shared/data/vgg16-imagenet); their input normalisation is folded into the first convolution, so the
@@ -118,14 +116,6 @@ def save_model(model: "keras.Model", path: str | Path, float16: bool = False) ->
     model.save(tmp)
     os.replace(tmp, path)
     return path
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def subpixel_head(model: "keras.Model") -> "tuple[keras.Model, np.ndarray, np.ndarray, int] | None":

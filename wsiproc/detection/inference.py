@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .engines import ENGINES, PRECISIONS, Choice, describe_machine, load_openvino, resolve  # noqa: F401  (re-exported)
-from .model import DEFAULT_MODEL_PATH, file_sha256, load_model, subpixel_head
+from .model import DEFAULT_MODEL_PATH, load_model, subpixel_head
+from ..io.files import file_sha256
 
 
 def _mixed_precision_copy(model):

@@ -1,4 +1,4 @@
-"""One slide, end to end: slide → tissue tiles → confidence → nuclei → stitched level-0 centroids → files.
+"""The detection loop of one slide: slide → tissue tiles → confidence → nuclei → stitched level-0 centroids.
 
 Tile reads run in a small thread pool ahead of the model (prefetch), so decoding and resampling overlap
 with inference; post-processing happens as each batch returns, and only the per-tile centroids are kept:
@@ -7,8 +7,6 @@ no whole-slide image or confidence map ever exists in memory.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -18,15 +16,14 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from . import __version__
-from .config import RunConfig
+from ..config import RunConfig
 from .detections import Detections
-from .errors import problem
+from ..errors import problem
 from .inference import Predictor
 from .model import size_multiple
 from .postprocess import Postprocess
-from .resample import map_coords
-from .slide import Slide, SlideError, open_slide
+from ..io.resample import map_coords
+from ..io.slide import Slide, SlideError
 from .stitch import keep_core, merge_across_tiles
 from .tiling import SlideSampler, TileGrid, halo_tiles
 from .tissue import TissueMask, tissue_mask
@@ -111,18 +108,6 @@ def _predict(predictor, images: list[np.ndarray]) -> tuple[np.ndarray, float]:
     t0 = time.perf_counter()
     conf = predictor(np.stack(images))
     return conf, time.perf_counter() - t0
-
-
-#: What of `Predictor.describe()` changes from one process to the next (start-up, cache hits): kept out of the
-#: run record, whose content must depend only on the input, the model and the parameters.
-_VOLATILE_ENGINE_KEYS = ("startup_s", "load_s", "cache", "cache_status")
-
-
-def engine_record(predictor) -> dict:
-    """The engine, precision and why, the CPU flags that mattered and the engine versions, for the run record."""
-    if not hasattr(predictor, "describe"):
-        return {}
-    return {k: v for k, v in predictor.describe().items() if k not in _VOLATILE_ENGINE_KEYS}
 
 
 @functools.lru_cache(maxsize=2)
@@ -244,62 +229,3 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
     return SlideDetections(det, stats, mask, sampler)
 
 
-def slide_summary(slide: Slide) -> dict:
-    return {
-        "path": str(slide.path),
-        "reader": slide.reader,
-        "vendor": slide.vendor,
-        "level0_width_px": slide.dimensions[0],
-        "level0_height_px": slide.dimensions[1],
-        "levels": slide.level_count,
-        "mpp": slide.mpp,
-        "mpp_source": slide.mpp_source,
-    }
-
-
-def split_stats(stats: dict) -> dict:
-    """The detection statistics as the run record holds them: each figure once, grouped by what it is about."""
-    tiles = {k: v for k, v in stats.items() if k.startswith(("tiles_", "grid_", "tissue_"))}
-    timings = {k: v for k, v in stats.items() if k.endswith("_s")}
-    rest = {k: v for k, v in stats.items() if k not in tiles and k not in timings and k != "warnings"}
-    return {"tiles": tiles, "warnings": stats["warnings"], "timings_s": timings, "stats": rest}
-
-
-def run_slide(path: str | Path, out_dir: str | Path, cfg: RunConfig, predictor: Predictor, stem: str | None = None,
-              progress: ProgressFn | None = None, extra_input: dict | None = None, client=None) -> dict:
-    """Process one input and write its outputs; returns the run record (also written as `<stem>.json`)."""
-    from .export import write_outputs
-
-    t0 = time.perf_counter()
-    path = Path(path)
-    slide = open_slide(path, cfg.mpp)
-    try:
-        mpp0 = slide.require_mpp()
-        result = detect(slide, cfg, predictor, progress, client=client)
-        record = {
-            "wsiproc_version": __version__,
-            "input": {**slide_summary(slide), **(extra_input or {})},
-            "model": {"path": str(predictor.model_path), "sha256": predictor.sha256, "device": predictor.device,
-                      "precision": getattr(predictor, "precision", "float32")},
-            "engine": engine_record(predictor),
-            "parameters": cfg.to_dict(),
-            "mpp_used": mpp0,
-            **split_stats(result.stats),
-        }
-        w0, h0 = slide.dimensions
-        # Everything but writing the files themselves: the record is written last and cannot time itself.
-        record["timings_s"]["total_before_write_s"] = round(time.perf_counter() - t0, 3)
-        record["nuclei"] = len(result.detections)
-        # GeoJSON ids seeded by what determines the result: a rerun writes byte-identical files.
-        id_seed = int(hashlib.sha256(json.dumps([predictor.sha256, record["input"], cfg.to_dict()], sort_keys=True, default=str).encode()).hexdigest()[:16], 16)
-        def qc_picture(qc_path: Path, density: np.ndarray) -> None:
-            from .qc import write_qc_png
-
-            write_qc_png(qc_path, result.sampler, result.tissue, result.detections, density, mpp0, cfg.density_cell_um)
-
-        outputs = write_outputs(Path(out_dir), stem or path.stem, result.detections, mpp0, (h0, w0), record,
-                                cell_um=cfg.density_cell_um, geojson_gz=cfg.geojson_gz, id_seed=id_seed, qc=qc_picture)
-        record["outputs"] = {key: p.name for key, p in outputs.items()}
-        return record
-    finally:
-        slide.close()

@@ -2,7 +2,7 @@
 
 The paper checked its detector with LRP heat maps (iNNvestigate) on 64×64 blocks around detections and
 found the relevant pixels on nuclear edges and nucleoli. iNNvestigate does not support Keras 3, so LRP is
-implemented here for the layer types of `wsiproc.model`'s network, with TensorFlow gradients:
+implemented here for the layer types of `wsiproc.detection.model`'s network, with TensorFlow gradients:
 
 Every layer is treated as a linear map `z = f(a)` of its input `a` (a convolution without its activation,
 a max pooling, an upsampling; dropout is the identity at inference, ReLU passes relevance through
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .model import MODEL_MPP, size_multiple
+from ..detection.model import MODEL_MPP, size_multiple
 
 __all__ = ["BLOCK_PX", "RULES", "ExplainedBlock", "lrp_relevance", "lrp_relevance_batch", "explain_slide"]
 
@@ -232,10 +232,10 @@ def explain_slide(path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     the block, the confidence map of the network on that block, and its LRP relevance (red: for a
     nucleus at the centre, blue: against), scaled per block symmetrically around 0.
     """
-    from .config import RunConfig
-    from .export import atomic_path
-    from .inference import Predictor
-    from .slide import open_slide
+    from ..config import RunConfig
+    from ..io.files import atomic_path
+    from ..detection.inference import Predictor
+    from ..io.slide import open_slide
 
     if n < 1:
         raise ValueError(f"n must be at least 1 (got {n})")
@@ -272,15 +272,15 @@ def explain_slide(path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
 
 def _detect_sample_region(slide, cfg, predictor, region_px: int | None, seed: int):
     """Detections (level-0 x, y) in one random tissue region, or on the whole slide when it is small."""
-    from .resample import map_coords
-    from .stitch import owned
-    from .tiling import SlideSampler
-    from .tissue import tissue_mask
+    from ..io.resample import map_coords
+    from ..detection.stitch import owned
+    from ..detection.tiling import SlideSampler
+    from ..detection.tissue import tissue_mask
 
     sampler = SlideSampler.for_slide(slide, cfg.model_mpp)
     h, w = sampler.shape_hw()
     if region_px is None or max(h, w) <= region_px:
-        from .pipeline import detect  # the full pipeline (dask, stitching) only when it is used
+        from ..detection.loop import detect  # the full pipeline (dask, stitching) only when it is used
 
         det = detect(slide, cfg, predictor).detections
         return np.asarray(det.x_px), np.asarray(det.y_px), None
@@ -309,8 +309,8 @@ def _detect_sample_region(slide, cfg, predictor, region_px: int | None, seed: in
 
 def _explain_blocks(slide, model, x_px: np.ndarray, y_px: np.ndarray, rule: str) -> list[ExplainedBlock]:
     """Cut the 64×64 blocks (0.5 µm/px) centred on the detections, run the model and LRP on them."""
-    from .resample import map_coords
-    from .tiling import SlideSampler
+    from ..io.resample import map_coords
+    from ..detection.tiling import SlideSampler
 
     sampler = SlideSampler.for_slide(slide, MODEL_MPP)
     mpp0 = slide.require_mpp()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import problem
+from ..errors import problem
 
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 

@@ -24,7 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .model import MODEL_MPP, SIZE_MULTIPLE_PX, file_sha256
+from ..detection.model import MODEL_MPP, SIZE_MULTIPLE_PX
+from ..io.files import file_sha256
 
 #: Side of a calibration crop at 0.5 µm/px: the network is fully convolutional, so small crops calibrate the
 #: same per-tensor ranges as whole tiles at a fraction of the cost. 128 is a multiple of every architecture's
@@ -49,7 +50,7 @@ def _quotas(n_crops: int, n_images: int) -> list[int]:
 
 def _random_crops(rgb: np.ndarray, mpp: float, k: int, crop_px: int, rng: np.random.Generator) -> list[np.ndarray]:
     """`k` random `crop_px` crops of one image after resampling it to the model's 0.5 µm/px (none if too small)."""
-    from .resample import rescale_rgb
+    from ..io.resample import rescale_rgb
 
     im = rescale_rgb(np.asarray(rgb)[..., :3], mpp, MODEL_MPP)
     if min(im.shape[:2]) < crop_px:
@@ -80,7 +81,7 @@ def calibration_crops(images: Sequence[tuple[np.ndarray, float]], n_crops: int =
 def crops_from_files(paths: Sequence[str | Path], mpp: float, n_crops: int = CALIBRATION_CROPS,
                      crop_px: int = CALIBRATION_CROP_PX, seed: int = 0) -> list[np.ndarray]:
     """Calibration crops from image files of pixel size `mpp`, read one at a time (memory stays at one image)."""
-    from .slide import open_slide
+    from ..io.slide import open_slide
 
     _check_crop_px(crop_px)
     rng = np.random.default_rng(seed)
@@ -128,9 +129,9 @@ def quantize_openvino(model_path: str | Path, crops: list[np.ndarray], cache_dir
     import nncf
     import openvino as ov
 
-    from .architectures import geometry
-    from .engines import ModelCache, convert_keras, model_geometry
-    from .model import load_model
+    from ..detection.architectures import geometry
+    from ..detection.engines import ModelCache, convert_keras, model_geometry
+    from ..detection.model import load_model
 
     model_path = Path(model_path)
     if not crops:
@@ -157,8 +158,8 @@ def write_ir(model, out_path: str | Path, source_model: str | Path, info: dict |
     import nncf
     import openvino as ov
 
-    from .engines import ir_sha256
-    from .export import atomic_path
+    from ..detection.engines import ir_sha256
+    from ..io.files import atomic_path
 
     out_path, source_model = Path(out_path), Path(source_model)
     if out_path.suffix.lower() != ".xml":
@@ -260,7 +261,7 @@ def stored_precision(path: str | Path) -> str:
 
 def validation_passed(record: dict | None) -> tuple[bool, str]:
     """Whether the sidecar's F1 check lets `--precision auto` pick the int8 model, and why (one line)."""
-    from .engines import F1_TOLERANCE
+    from ..detection.engines import F1_TOLERANCE
 
     validation = (record or {}).get("validation")
     if not validation or not validation.get("domains"):
@@ -281,8 +282,8 @@ def validation_passed(record: dict | None) -> tuple[bool, str]:
 def domain_f1(predictor, images) -> tuple[float, float, float]:
     """(precision, recall, F1) of `predictor` on annotated images: 5 µm one-to-one matching, micro-averaged
     (the project's scoring, as benchmarks/accuracy.py computes it), through the same `detect` as a run."""
-    from .config import RunConfig
-    from .evaluate import detect_images, evaluate_sets
+    from ..config import RunConfig
+    from ..evaluate.scoring import detect_images, evaluate_sets
 
     pred = detect_images(images, predictor, RunConfig(tissue_mask=False))  # annotated crops are tissue throughout
     _, total = evaluate_sets(pred, {im.name: im.points_xy for im in images}, {im.name: 5.0 / im.mpp for im in images})
@@ -296,8 +297,8 @@ def validate(source: str | Path, int8_path: str | Path, data_root: str | Path, d
     float32 runs on OpenVINO too (it agrees with TensorFlow to ~1e-6), so the loss is the quantisation's alone.
     """
     from . import datasets
-    from .engines import F1_TOLERANCE
-    from .inference import Predictor
+    from ..detection.engines import F1_TOLERANCE
+    from ..detection.inference import Predictor
 
     f32 = Predictor(source, precision="float32", engine="openvino")
     int8 = Predictor(int8_path, engine="openvino")
@@ -317,7 +318,7 @@ def validate(source: str | Path, int8_path: str | Path, data_root: str | Path, d
 
 def record_validation(int8_path: str | Path, validation: dict) -> dict:
     """Add `validation` to the sidecar (rewritten atomically; the model pair itself is not touched)."""
-    from .export import atomic_path
+    from ..io.files import atomic_path
 
     int8_path = Path(int8_path)
     record = check_sidecar(int8_path)

@@ -19,8 +19,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .model import MODEL_MPP, build_model, load_model, save_model
-from .resample import map_coords, rescale_rgb
+from ..detection.model import MODEL_MPP, build_model, load_model, save_model
+from ..io.resample import map_coords, rescale_rgb
 
 
 @dataclass
@@ -40,7 +40,7 @@ class TrainConfig:
     dropout: float = 0.5
     freeze_vgg: bool = False
     seed: int = 0
-    arch: str = "paper"  # a name from wsiproc.architectures (when not starting from a model)
+    arch: str = "paper"  # a name from wsiproc.detection.architectures (when not starting from a model)
 
 
 @dataclass

@@ -25,8 +25,8 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from scipy.spatial import cKDTree
 
-from wsiproc.annotations import label_centroids, read_label_map, read_points
-from wsiproc.export import atomic_path
+from .annotations import label_centroids, read_label_map, read_points
+from ..io.files import atomic_path
 
 __all__ = [
     "Score",
@@ -242,9 +242,9 @@ def read_predictions(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
     The stem is used exactly as written, because wsiproc names each result after its input image.
     Score tables (`*_scores.csv`), the cohort table (`summary.csv`) and hidden temporary files in the folder
-    are skipped. A table holding many images (`image,x,y`) is read with `wsiproc.annotations.read_points` instead.
+    are skipped. A table holding many images (`image,x,y`) is read with `wsiproc.evaluate.annotations.read_points` instead.
     """
-    from wsiproc.summary import SUMMARY_NAME
+    from ..cohort.summary import SUMMARY_NAME
 
     path = Path(path)
     if path.is_dir():
@@ -340,8 +340,8 @@ def _some(names: list[str], shown: int = 5) -> str:
 def detect_images(images, predictor, cfg) -> dict[str, np.ndarray]:
     """Nucleus centres (level-0 x, y) of annotated images (`datasets.AnnotatedImage`), through the same `detect`
     as a run: what every accuracy figure of a model is computed from."""
-    from .pipeline import detect
-    from .slide import open_slide
+    from ..detection.loop import detect
+    from ..io.slide import open_slide
 
     out = {}
     for im in images:

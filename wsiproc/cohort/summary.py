@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import claims
-from .export import atomic_write_text
+from ..io.files import atomic_write_text
 
 SUMMARY_NAME = "summary.csv"
 COLUMNS = ("input", "status", "detail", "nuclei", "tissue_mm2", "nuclei_per_mm2", "model_sha256", "seconds")

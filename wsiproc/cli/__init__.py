@@ -11,12 +11,12 @@ from typing import Iterator
 
 import click
 
-from . import __version__
-from .config import RunConfig
-from .errors import OutputFolderError, one_line, problem
-from .summary import SUMMARY_NAME
+from .. import __version__
+from ..config import RunConfig
+from ..errors import OutputFolderError, one_line, problem
+from ..cohort.summary import SUMMARY_NAME
 
-SAMPLE_SLIDE = Path(__file__).parent / "sample" / "CMU-1-Small-Region.svs"
+SAMPLE_SLIDE = Path(__file__).parents[1] / "sample" / "CMU-1-Small-Region.svs"
 
 
 def _fail_usage(message: str) -> None:
@@ -81,9 +81,9 @@ def run(ctx: click.Context, inputs: tuple[Path, ...], sample: bool, out_dir: Pat
         _fail_usage("no inputs: give slide or image files (or --sample)")
     from click.core import ParameterSource
 
-    from .config import load_config_file
+    from ..config import load_config_file
 
-    from .model import resolve_model_path
+    from ..detection.model import resolve_model_path
 
     try:
         model_file = str(resolve_model_path(model_path)) if model_path else None
@@ -117,8 +117,8 @@ def run(ctx: click.Context, inputs: tuple[Path, ...], sample: bool, out_dir: Pat
             _fail_usage(f"{path} and {stems[path.stem]} share the output name '{path.stem}': rename one or run them separately")
         stems[path.stem] = path
 
-    from .batch import run_batch, summary_table
-    from .inference import Predictor
+    from ..cohort.batch import run_batch, summary_table
+    from ..detection.inference import Predictor
 
     try:
         predictor = Predictor(cfg.model_path, precision=cfg.precision, engine=cfg.engine)
@@ -137,7 +137,7 @@ def run(ctx: click.Context, inputs: tuple[Path, ...], sample: bool, out_dir: Pat
         bars.clear()
         click.echo(line, err=True)
 
-    from .cluster import dask_client
+    from ..cohort.cluster import dask_client
 
     try:
         with _sigterm_as_interrupt(), dask_client(scheduler, n_workers=workers) as client:
@@ -217,11 +217,11 @@ def _progress(path: Path, bars: list):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def info(slide_path: Path, mpp: float | None, as_json: bool) -> None:
     """Vendor, levels, µm/px, chosen reader and tissue fraction of a slide."""
-    from .model import MODEL_MPP
-    from .pipeline import slide_summary
-    from .slide import SlideError, open_slide
-    from .tiling import SlideSampler
-    from .tissue import tissue_mask
+    from ..detection.model import MODEL_MPP
+    from ..outputs.record import slide_summary
+    from ..io.slide import SlideError, open_slide
+    from ..detection.tiling import SlideSampler
+    from ..detection.tissue import tissue_mask
 
     try:
         slide = open_slide(slide_path, mpp)
@@ -264,7 +264,7 @@ def _expand(spec: str, suffixes: set[str] | None = None) -> list[Path]:
 
 
 def _read_annotations(spec: str) -> dict:
-    from .annotations import read_points
+    from ..evaluate.annotations import read_points
 
     points: dict = {}
     files = _expand(spec)
@@ -298,10 +298,10 @@ def train(images_spec: str, points_spec: str, mpp: float, out_path: Path, arch: 
           init_model: Path | None, epochs: int,
           steps_per_epoch: int | None, block_px: int, batch_size: int, lr: float, background_fraction: float, seed: int, work: Path | None) -> None:
     """Train a detector on annotated images (the paper's recipe); resumes from the last checkpoint."""
-    from .annotations import image_key
-    from .slide import PLAIN_IMAGE_SUFFIXES, open_slide
-    from .training import TrainConfig, TrainingImage
-    from .training import train as run_training
+    from ..evaluate.annotations import image_key
+    from ..io.slide import PLAIN_IMAGE_SUFFIXES, open_slide
+    from ..learn.training import TrainConfig, TrainingImage
+    from ..learn.training import train as run_training
 
     if block_px % 8 or block_px < 16:
         _fail_usage(f"--block-px must be a multiple of 8 and at least 16 (got {block_px})")
@@ -346,8 +346,8 @@ def train(images_spec: str, points_spec: str, mpp: float, out_path: Path, arch: 
 @click.option("--out", "out_csv", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as CSV.")
 def evaluate(pred_spec: str, truth_spec: str, mpp: float, radius_um: float, masks_dir: Path | None, out_csv: Path | None) -> None:
     """Precision, recall and F1 per image and over the set (one-to-one matching within --radius-um)."""
-    from .annotations import image_key, read_label_map
-    from .evaluate import evaluate_sets, format_table, read_predictions, write_scores_csv
+    from ..evaluate.annotations import image_key, read_label_map
+    from ..evaluate.scoring import evaluate_sets, format_table, read_predictions, write_scores_csv
 
     pred = read_predictions(pred_spec)
     truth = _read_annotations(truth_spec)
@@ -386,11 +386,11 @@ def adapt(ctx: click.Context, inputs: tuple[Path, ...], out_path: Path, model_pa
     """Adapt a model to a new cohort without annotations: mine confident nuclei, fine-tune on them."""
     from click.core import ParameterSource
 
-    from .adapt import AdaptConfig
-    from .adapt import adapt as run_adapt
-    from .cluster import dask_client
-    from .config import load_config_file
-    from .inference import Predictor
+    from ..learn.adapt import AdaptConfig
+    from ..learn.adapt import adapt as run_adapt
+    from ..cohort.cluster import dask_client
+    from ..config import load_config_file
+    from ..detection.inference import Predictor
 
     options = {"high": ("high", high), "low": ("low", low), "max_blocks": ("max_blocks", max_blocks),
                "per_slide_cap": ("per_slide_cap", per_slide_cap), "epochs": ("epochs", epochs),
@@ -432,7 +432,7 @@ def adapt(ctx: click.Context, inputs: tuple[Path, ...], out_path: Path, model_pa
 def explain(slide_path: Path, n_nuclei: int, out_dir: Path, model_path: Path | None, mpp: float | None, rule: str, seed: int,
             region_px: int) -> None:
     """Why the network sees a nucleus: LRP heat maps of random detections, as <stem>_explain.png in --out."""
-    from .explain import explain_slide
+    from ..evaluate.explain import explain_slide
 
     try:
         path = explain_slide(slide_path, out_dir, model_path=model_path, n=n_nuclei, rule=rule, seed=seed, mpp=mpp,
@@ -464,9 +464,9 @@ def explain(slide_path: Path, n_nuclei: int, out_dir: Path, model_path: Path | N
 def quantize(model_path: Path, domains_root: Path | None, calibration_spec: str | None, mpp: float | None, validate_root: Path | None,
              out_path: Path | None, n_crops: int, crop_px: int, seed: int) -> None:
     """Convert MODEL.keras to an OpenVINO int8 model (NNCF post-training quantisation) that `wsiproc run` uses."""
-    from .engines import int8_path_for
-    from .quantize import crops_from_files, domain_crops, quantize_model, record_validation, sidecar_path, validate
-    from .slide import PLAIN_IMAGE_SUFFIXES
+    from ..detection.engines import int8_path_for
+    from ..learn.quantize import crops_from_files, domain_crops, quantize_model, record_validation, sidecar_path, validate
+    from ..io.slide import PLAIN_IMAGE_SUFFIXES
 
     out_path = out_path or int8_path_for(model_path)
     if out_path.suffix.lower() != ".xml":
@@ -507,8 +507,8 @@ def quantize(model_path: Path, domains_root: Path | None, calibration_spec: str 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def engines(model_path: Path | None, engine: str, precision: str, as_json: bool) -> None:
     """What this machine will run: engine, precision and why, CPU flags, OpenVINO version, what else is available."""
-    from .engines import report
-    from .model import DEFAULT_MODEL_PATH
+    from ..detection.engines import report
+    from ..detection.model import DEFAULT_MODEL_PATH
 
     info = report(model_path or DEFAULT_MODEL_PATH, engine, precision)
     if as_json:

@@ -1,6 +1,7 @@
-"""Result files of one slide: detections as CSV and QuPath GeoJSON, a nucleus density map, a run record.
+"""Result files of one slide: detections as CSV and QuPath GeoJSON, a nucleus density map, and (last) the run
+record of `wsiproc.outputs.record`.
 
-Every file is written through `atomic_path`, so a run that is killed half way never leaves a file under
+Every file is written through `wsiproc.io.files.atomic_path`, so a run that is killed half way never leaves a file under
 its final name that looks finished; `write_outputs` writes the run record last, so its presence marks a
 complete result.
 
@@ -9,34 +10,29 @@ giant string or dict.
 """
 from __future__ import annotations
 
-import contextlib
 import gzip as gzip_module
 import io
 import json
 import math
 import os
-import secrets
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import geojson
 import numpy as np
 import tifffile
 from PIL import Image
 
-from wsiproc.detections import Detections
+from ..detection.detections import Detections
+from ..io.files import atomic_path
+from .record import write_run_record
 
 __all__ = [
-    "atomic_path",
-    "atomic_write_text",
     "write_csv",
     "write_geojson",
     "density_map",
     "write_density_tiff",
     "write_density_png",
-    "write_run_record",
-    "read_run_record",
     "write_outputs",
     "RESULT_SUFFIXES",
 ]
@@ -53,50 +49,6 @@ centroid's accuracy, and fixed formatting is ~2x faster than shortest-repr float
 QUPATH_PIXEL_OFFSET = 0.5
 
 _CHUNK = 50_000  # rows per formatting step: bounds memory whatever the slide's nucleus count
-
-
-# --------------------------------------------------------------------------------------------- atomic
-
-
-@contextlib.contextmanager
-def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to `final`; move it onto `final` only if the block finishes.
-
-    The temporary file lives in the same directory so that `os.replace` is an atomic rename on the same
-    file system. It is fsynced first, so even a power cut cannot leave a truncated file under the final
-    name. Its name starts with a dot and ends with `.partial` so listings and globs for results skip it.
-    """
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.{secrets.token_hex(6)}.partial")
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(final.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself; best effort, since not every platform can open a directory."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding=encoding)
-    return Path(path)
 
 
 # ------------------------------------------------------------------------------------------- tables
@@ -297,30 +249,6 @@ def write_density_png(path: str | os.PathLike[str], density: np.ndarray, max_sid
     with atomic_path(path) as tmp:
         Image.fromarray(np.ascontiguousarray(rgba[..., :3])).save(tmp, format="PNG")
     return Path(path)
-
-
-# ----------------------------------------------------------------------------------------- run record
-
-
-def _json_default(value: Any) -> Any:
-    """Let records carry numpy scalars/arrays and paths, which pipelines produce naturally."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"run record value of type {type(value).__name__} is not JSON serialisable")
-
-
-def write_run_record(path: str | os.PathLike[str], record: dict) -> Path:
-    """Pretty, key-sorted JSON so records of different runs diff cleanly."""
-    text = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False, default=_json_default)
-    return atomic_write_text(path, text + "\n")
-
-
-def read_run_record(path: str | os.PathLike[str]) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 # ------------------------------------------------------------------------------------------- outputs

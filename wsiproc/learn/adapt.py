@@ -17,15 +17,15 @@ from typing import Callable
 
 import numpy as np
 
-from .config import RunConfig
-from .errors import one_line
-from .inference import Predictor
-from .model import file_sha256
-from .pipeline import batched, plan_tiles, read_tile, worker_predictor
-from .postprocess import find_nuclei
-from .slide import open_slide
-from .stitch import owned
-from .tiling import SlideSampler, halo_tiles
+from ..config import RunConfig
+from ..errors import one_line
+from ..detection.inference import Predictor
+from ..io.files import file_sha256
+from ..detection.loop import batched, plan_tiles, read_tile, worker_predictor
+from ..detection.postprocess import find_nuclei
+from ..io.slide import open_slide
+from ..detection.stitch import owned
+from ..detection.tiling import SlideSampler, halo_tiles
 from .training import TrainConfig, augment_block, draw_targets, flip_turn
 
 #: Confident nuclei per mm² of tissue outside this range make a slide suspect (H&E holds ~1 000–10 000).
@@ -273,7 +273,7 @@ def adapt(inputs: list[Path], out_path: Path, work_dir: Path, run_cfg: RunConfig
         "mining_s": round(mining_s, 1),
         "fine_tune_s": round(time.perf_counter() - t1, 1),
     }
-    from .export import atomic_write_text
+    from ..io.files import atomic_write_text
 
     atomic_write_text(out_path.with_suffix(".json"), json.dumps(provenance, indent=2, sort_keys=True))
     return provenance

@@ -1,0 +1,4 @@
+"""`python -m wsiproc.cli`: the `wsiproc` command."""
+from . import main
+
+main()

@@ -1,0 +1,2 @@
+"""Checking models: annotations in any format (`annotations`), scoring against them (`scoring`), LRP heat maps
+(`explain`)."""

@@ -1,0 +1,71 @@
+"""The run record `<stem>.json`: what was run on which input with which model and parameters, what it found,
+and how long it took. Written last, it marks a complete result (see `wsiproc.cohort.batch`)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..io.files import atomic_write_text
+
+if TYPE_CHECKING:
+    from ..io.slide import Slide
+
+
+def _json_default(value: Any) -> Any:
+    """Let records carry numpy scalars/arrays and paths, which pipelines produce naturally."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"run record value of type {type(value).__name__} is not JSON serialisable")
+
+
+def write_run_record(path: str | os.PathLike[str], record: dict) -> Path:
+    """Pretty, key-sorted JSON so records of different runs diff cleanly."""
+    text = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False, default=_json_default)
+    return atomic_write_text(path, text + "\n")
+
+
+def read_run_record(path: str | os.PathLike[str]) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+#: What of `Predictor.describe()` changes from one process to the next (start-up, cache hits): kept out of the
+#: run record, whose content must depend only on the input, the model and the parameters.
+_VOLATILE_ENGINE_KEYS = ("startup_s", "load_s", "cache", "cache_status")
+
+
+def engine_record(predictor) -> dict:
+    """The engine, precision and why, the CPU flags that mattered and the engine versions, for the run record."""
+    if not hasattr(predictor, "describe"):
+        return {}
+    return {k: v for k, v in predictor.describe().items() if k not in _VOLATILE_ENGINE_KEYS}
+
+
+def slide_summary(slide: Slide) -> dict:
+    return {
+        "path": str(slide.path),
+        "reader": slide.reader,
+        "vendor": slide.vendor,
+        "level0_width_px": slide.dimensions[0],
+        "level0_height_px": slide.dimensions[1],
+        "levels": slide.level_count,
+        "mpp": slide.mpp,
+        "mpp_source": slide.mpp_source,
+    }
+
+
+def split_stats(stats: dict) -> dict:
+    """The detection statistics as the run record holds them: each figure once, grouped by what it is about."""
+    tiles = {k: v for k, v in stats.items() if k.startswith(("tiles_", "grid_", "tissue_"))}
+    timings = {k: v for k, v in stats.items() if k.endswith("_s")}
+    rest = {k: v for k, v in stats.items() if k not in tiles and k not in timings and k != "warnings"}
+    return {"tiles": tiles, "warnings": stats["warnings"], "timings_s": timings, "stats": rest}
+
+
