@@ -1,4 +1,18 @@
-"""How problems are reported: one line per file, `path: problem`, never a traceback."""
+"""How problems are reported: one line per file, `path: problem`, never a traceback.
+
+The package's own failures form one small hierarchy; the command line maps it to exit codes in one place
+(`wsiproc.cli.common.EXIT_CODES`):
+
+    WsiprocError            a problem the user can act on (exit 1); its message is the line to show
+    ├── UsageError          the command line or a config file is wrong (exit 2, shown as `error: …`)
+    ├── SlideError          a slide or image that cannot be used (the message starts with its path)
+    ├── ModelError          a model file that cannot be used (the message starts with its path)
+    │   └── ModelNotFoundError
+    └── OutputFolderError   the output folder cannot take files
+
+They also derive from the built-in type callers caught before they existed (ValueError, FileNotFoundError,
+OSError), so `except ValueError` around a slide still catches a SlideError.
+"""
 from __future__ import annotations
 
 import errno
@@ -22,7 +36,27 @@ def one_line(exc: BaseException, path: str | Path) -> str:
     return f"{path}: {problem(exc, path)}"
 
 
-class OutputFolderError(OSError):
+class WsiprocError(Exception):
+    """A problem the user can act on; its message is the one line to show."""
+
+
+class UsageError(WsiprocError, ValueError):
+    """The command line or a config file asks for something impossible."""
+
+
+class SlideError(WsiprocError, ValueError):
+    """A slide that cannot be used; the message starts with the file name."""
+
+
+class ModelError(WsiprocError, ValueError):
+    """A model that cannot be used; the message starts with the model file's name."""
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """The model file does not exist."""
+
+
+class OutputFolderError(WsiprocError, OSError):
     """The output folder cannot take files (full, read-only, not permitted): every slide would fail alike."""
 
 

@@ -37,6 +37,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ..errors import ModelError
+
 ENGINES = ("auto", "openvino", "tensorflow")
 PRECISIONS = ("auto", "float32", "bfloat16", "int8", "mixed_float16")
 #: Precisions each engine can run (TensorFlow's bfloat16/int8 CPU kernels are no faster than its float32).
@@ -189,22 +191,22 @@ def resolve(model_path: str | Path, engine: str = "auto", precision: str = "auto
     model_path = Path(model_path)
     if model_path.suffix.lower() == ".xml":  # an OpenVINO IR given as the model: it runs at the precision stored
         if engine == "tensorflow":
-            raise ValueError(f"{model_path}: an OpenVINO IR runs only with --engine openvino (or auto)")
+            raise ModelError(f"{model_path}: an OpenVINO IR runs only with --engine openvino (or auto)")
         from ..learn.quantize import check_sidecar, stored_precision
 
         check_sidecar(model_path)  # a stale or replaced file is refused, naming it
         stored = stored_precision(model_path)
         if stored == "int8":
             if precision not in ("auto", "int8"):
-                raise ValueError(f"{model_path}: an int8 model cannot run in {precision}; give the .keras it was made from")
+                raise ModelError(f"{model_path}: an int8 model cannot run in {precision}; give the .keras it was made from")
             return Choice("openvino", "int8", "CPU", "an int8 OpenVINO model given as the model", model_path)
         if precision not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"{model_path}: a float OpenVINO model runs in float32 or bfloat16, not {precision}")
+            raise ModelError(f"{model_path}: a float OpenVINO model runs in float32 or bfloat16, not {precision}")
         if precision == "auto":
             precision = "bfloat16" if cpu_info().bf16 else "float32"
         return Choice("openvino", precision, "CPU", "an OpenVINO model given as the model", model_path)
     if model_path.suffix.lower() == ".tflite":
-        raise ValueError(f"{model_path}: TFLite models are no longer run; make an OpenVINO int8 model with "
+        raise ModelError(f"{model_path}: TFLite models are no longer run; make an OpenVINO int8 model with "
                          "`wsiproc quantize` from the .keras it came from")
     have_openvino = openvino_version() is not None
     if engine == "auto":
@@ -235,7 +237,7 @@ def resolve(model_path: str | Path, engine: str = "auto", precision: str = "auto
     if precision == "int8":
         path = int8_path_for(model_path)
         if not path.is_file():
-            raise ValueError(f"{model_path}: no int8 model beside it ({path.name}); make one with "
+            raise ModelError(f"{model_path}: no int8 model beside it ({path.name}); make one with "
                              f"`wsiproc quantize {model_path} --domains DATA --out {path}`")
         from ..learn.quantize import check_sidecar
 
@@ -296,7 +298,7 @@ def convert_keras(model_path: str | Path):
         except Exception as exc:  # the converter raises many types
             from ..errors import problem
 
-            raise ValueError(f"{model_path}: cannot be converted to OpenVINO ({problem(exc)})") from exc
+            raise ModelError(f"{model_path}: cannot be converted to OpenVINO ({problem(exc)})") from exc
     model.inputs[0].get_tensor().set_names({"rgb"})
     model.outputs[0].get_tensor().set_names({"confidence"})
     return model, model_geometry(keras_model)
@@ -604,7 +606,7 @@ def load_openvino(model_path: Path, model_sha256: str, choice: Choice, threads: 
         try:
             model = core.read_model(choice.ir_path)
         except Exception as exc:
-            raise ValueError(f"{choice.ir_path}: not a loadable OpenVINO model ({problem_of(exc)})") from None
+            raise ModelError(f"{choice.ir_path}: not a loadable OpenVINO model ({problem_of(exc)})") from None
         cache.status["ir"] = "file"
         from ..learn.quantize import _read_sidecar
 
@@ -626,10 +628,10 @@ def load_openvino(model_path: Path, model_sha256: str, choice: Choice, threads: 
 def _check_io(model, path: Path) -> None:
     """One (B, H, W, 3) input and one output: what every wsiproc model has; anything else is named and refused."""
     if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ValueError(f"{path}: expected one input and one output, got {len(model.inputs)} and {len(model.outputs)}")
+        raise ModelError(f"{path}: expected one input and one output, got {len(model.inputs)} and {len(model.outputs)}")
     shape = model.inputs[0].get_partial_shape()
     if shape.rank.is_dynamic or shape.rank.get_length() != 4 or str(shape[3]) != "3":
-        raise ValueError(f"{path}: expected a (batch, height, width, 3) input, got {shape}")
+        raise ModelError(f"{path}: expected a (batch, height, width, 3) input, got {shape}")
 
 
 def describe_machine() -> dict:

@@ -15,6 +15,7 @@ import numpy as np
 
 from .engines import ENGINES, PRECISIONS, Choice, describe_machine, load_openvino, resolve  # noqa: F401  (re-exported)
 from .model import DEFAULT_MODEL_PATH, load_model, subpixel_head
+from ..errors import ModelError, ModelNotFoundError
 from ..io.files import file_sha256
 
 
@@ -128,7 +129,7 @@ class Predictor:
         self.model_path = Path(model_path) if model_path is not None else DEFAULT_MODEL_PATH
         self.max_batch: int | None = None  # lowered after an out-of-memory error
         if not self.model_path.is_file():
-            raise FileNotFoundError(f"{self.model_path}: model file not found")
+            raise ModelNotFoundError(f"{self.model_path}: model file not found")
         self.requested = {"engine": engine, "precision": precision}
         self.sha256 = (file_sha256(self.model_path) if self.model_path.suffix.lower() != ".xml"
                        else _ir_sha256(self.model_path))
@@ -154,7 +155,7 @@ class Predictor:
         """The Keras model (for LRP, training, adaptation), loaded on first use: the OpenVINO engine never needs it."""
         if self._keras is None:
             if self.model_path.suffix.lower() == ".xml":
-                raise ValueError(f"{self.model_path}: an OpenVINO model has no Keras layers; give the .keras it was made from")
+                raise ModelError(f"{self.model_path}: an OpenVINO model has no Keras layers; give the .keras it was made from")
             self._keras = load_model(self.model_path)
         return self._keras
 

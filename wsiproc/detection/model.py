@@ -13,6 +13,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from ..errors import ModelError, ModelNotFoundError  # noqa: E402
+
 # Keras (and with it TensorFlow) is imported inside the functions that build, load or save a network: the
 # constants and paths here are what the tiler, the CLI's --help and `info` need, and they must not pay 5 s
 # of TensorFlow start-up and its console noise for them.
@@ -76,11 +78,11 @@ def load_model(path: str | Path | None = None) -> "keras.Model":
 
     path = Path(path) if path is not None else DEFAULT_MODEL_PATH
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: model file not found")
+        raise ModelNotFoundError(f"{path}: model file not found")
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # keras raises many types for a bad archive
-        raise ValueError(f"{path}: not a loadable .keras model ({exc.__class__.__name__}: {exc})") from exc
+        raise ModelError(f"{path}: not a loadable .keras model ({exc.__class__.__name__}: {exc})") from exc
     if any(_stored_float16(layer) for layer in model.layers):
         model = with_dtype(model, "float32")  # stored as float16 to halve the file; computed in float32
     return model

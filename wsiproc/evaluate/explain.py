@@ -233,6 +233,7 @@ def explain_slide(path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     nucleus at the centre, blue: against), scaled per block symmetrically around 0.
     """
     from ..config import RunConfig
+    from ..errors import ModelError, ModelNotFoundError
     from ..io.files import atomic_path
     from ..detection.inference import Predictor
     from ..io.slide import open_slide
@@ -243,7 +244,9 @@ def explain_slide(path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         raise ValueError(f"unknown LRP rule {rule!r}; known: {', '.join(RULES)}")
     path = Path(path)
     if model_path is not None and Path(model_path).suffix.lower() == ".tflite":
-        raise ValueError(f"{model_path}: LRP needs the network's float weights and gradients; give the .keras model it was made from")
+        raise ModelError(f"{model_path}: LRP needs the network's float weights and gradients; give the .keras model it was made from")
+    if model_path is not None and not Path(model_path).is_file():
+        raise ModelNotFoundError(f"{model_path}: model file not found")
     cfg = RunConfig(model_path=str(model_path) if model_path else None, mpp=mpp).validate()
     slide = open_slide(path, mpp)
     try:

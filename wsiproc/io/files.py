@@ -59,3 +59,20 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+
+
+def expand(spec: str, suffixes: set[str] | None = None) -> list[Path]:
+    """A file, a folder (its files) or a glob pattern → sorted file list (only those ending in `suffixes`,
+    where given; two-part suffixes such as `.geojson.gz` count)."""
+    import glob
+
+    path = Path(spec)
+    if path.is_dir():
+        files = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    elif path.is_file():
+        files = [path]
+    else:
+        files = [Path(p) for p in sorted(glob.glob(spec)) if Path(p).is_file()]
+    if suffixes is not None:
+        files = [p for p in files if "".join(p.suffixes[-2:]).lower() in suffixes or p.suffix.lower() in suffixes]
+    return files

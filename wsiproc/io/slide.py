@@ -13,13 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import problem
+from ..errors import SlideError, problem
+
+__all__ = ["PLAIN_IMAGE_SUFFIXES", "Slide", "SlideError", "cached_slide", "open_slide"]
 
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-
-
-class SlideError(ValueError):
-    """A slide that cannot be used; the message starts with the file name."""
 
 
 @dataclass

@@ -69,3 +69,17 @@ def split_stats(stats: dict) -> dict:
     return {"tiles": tiles, "warnings": stats["warnings"], "timings_s": timings, "stats": rest}
 
 
+
+
+def slide_info(slide: Slide) -> dict:
+    """What `wsiproc info` shows: `slide_summary`, the pyramid, and the tissue fraction (None without a pixel size)."""
+    from ..detection.model import MODEL_MPP
+    from ..detection.tiling import SlideSampler
+    from ..detection.tissue import tissue_mask
+
+    info = slide_summary(slide)
+    info["level_dimensions"] = [list(d) for d in slide.level_dimensions]
+    info["level_downsamples"] = [round(d, 4) for d in slide.level_downsamples]
+    info["tissue_fraction"] = (round(tissue_mask(SlideSampler.for_slide(slide, MODEL_MPP)).fraction, 4)
+                               if slide.mpp is not None else None)
+    return info

@@ -1,0 +1,58 @@
+"""`wsiproc adapt`: a model fine-tuned on a new cohort's own confident detections."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..config import RunConfig
+from ..errors import WsiprocError
+from .common import merged_options, usage_errors
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The adapted .keras model.")
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Base model (default: the shipped one).")
+@click.option("--mpp", type=float, help="Pixel size in µm/px for inputs that do not store it.")
+@click.option("--high", type=float, default=0.8, show_default=True, help="Threshold for hard positives.")
+@click.option("--low", type=float, default=0.5, show_default=True, help="Threshold for the nuclei drawn into each block's target.")
+@click.option("--max-blocks", type=int, default=20000, show_default=True)
+@click.option("--per-slide-cap", type=int, help="Blocks per slide at most (default: --max-blocks spread over the cohort).")
+@click.option("--epochs", type=int, default=2, show_default=True)
+@click.option("--steps-per-epoch", type=int, help="Default: one pass over the mined blocks.")
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--work", "work_dir", type=click.Path(file_okay=False, path_type=Path), help="Block store and checkpoints (default: <out>_work); rerun to resume.")
+@click.option("--no-tissue-mask", is_flag=True, help="Mine every tile, background included.")
+@click.option("--scheduler", help="dask.distributed: 'local' or an existing scheduler's address (slides are mined in parallel).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="YAML file of adapt parameters (see configs/adapt.yaml); options given on the command line win.")
+@click.pass_context
+def adapt(ctx: click.Context, inputs: tuple[Path, ...], out_path: Path, model_path: Path | None, mpp: float | None, high: float,
+          low: float, max_blocks: int, per_slide_cap: int | None, epochs: int, steps_per_epoch: int | None, lr: float, seed: int,
+          work_dir: Path | None, no_tissue_mask: bool, scheduler: str | None, config_file: Path | None) -> None:
+    """Adapt a model to a new cohort without annotations: mine confident nuclei, fine-tune on them."""
+    from ..cohort.cluster import dask_client
+    from ..detection.inference import Predictor
+    from ..learn.adapt import AdaptConfig
+    from ..learn.adapt import adapt as run_adapt
+
+    options = {"high": ("high", high), "low": ("low", low), "max_blocks": ("max_blocks", max_blocks),
+               "per_slide_cap": ("per_slide_cap", per_slide_cap), "epochs": ("epochs", epochs),
+               "steps_per_epoch": ("steps_per_epoch", steps_per_epoch), "learning_rate": ("lr", lr), "seed": ("seed", seed)}
+    with usage_errors(ValueError, FileNotFoundError):
+        cfg = AdaptConfig(**merged_options(ctx, config_file, AdaptConfig, options))
+        cfg.validate()
+        run_cfg = RunConfig(model_path=str(model_path) if model_path else None, mpp=mpp, tissue_mask=not no_tissue_mask).validate()
+        predictor = Predictor(run_cfg.model_path)
+    work = work_dir or out_path.with_name(out_path.stem + "_work")
+    try:
+        with dask_client(scheduler) as client:
+            provenance = run_adapt(list(inputs), out_path, work, run_cfg, cfg, predictor,
+                                   echo=lambda line: click.echo(line, err=True), client=client)
+    except ValueError as exc:  # nothing to adapt on (no positives, unreadable cohort): the run's own failure
+        raise WsiprocError(f"error: {exc}") from exc
+    click.echo(f"saved {out_path} (fine-tuned on {provenance['blocks']} blocks from {len(provenance['cohort'])} slides); "
+               f"provenance in {out_path.with_suffix('.json')}")
+
