@@ -1,0 +1,68 @@
+"""The public API as a user meets it: `import wsiproc`, then open, detect, run a batch; and what stays unloaded."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import wsiproc
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "wsiproc" / "sample" / "CMU-1-Small-Region.svs"
+
+
+def test_detect_and_run_batch_read_like_the_readme(tmp_path: Path, predictor) -> None:
+    slide = wsiproc.open_slide(SAMPLE)
+    try:
+        nuclei = wsiproc.detect(slide, wsiproc.RunConfig(), model=predictor)
+    finally:
+        slide.close()
+    assert isinstance(nuclei, wsiproc.Detections) and len(nuclei) > 1000
+    assert nuclei.x_px.min() >= -0.5 and nuclei.x_px.max() <= slide.dimensions[0] - 0.5
+
+    lines: list[str] = []
+    outcomes = wsiproc.run_batch([SAMPLE], tmp_path, model=predictor, echo=lines.append)
+    assert [o.status for o in outcomes] == ["done"], lines
+    record = json.loads((tmp_path / f"{SAMPLE.stem}.json").read_text())
+    assert record["nuclei"] == len(nuclei)  # the batch writes what detect returns
+    csv = np.loadtxt(tmp_path / f"{SAMPLE.stem}.csv", delimiter=",", skiprows=1, ndmin=2)
+    assert np.allclose(np.sort(csv[:, 0]), np.sort(nuclei.x_px), atol=0.005)
+    assert (tmp_path / "summary.csv").is_file()
+
+
+def test_public_names_are_the_documented_ones() -> None:
+    assert set(wsiproc.__all__) == {"__version__", "open_slide", "RunConfig", "detect", "run_batch", "Detections"}
+    assert {"detect", "run_batch"} <= set(dir(wsiproc))
+
+
+def _loaded_after(code: str) -> tuple[set[str], float]:
+    """Top-level modules loaded by `code` in a fresh interpreter, and its wall time."""
+    probe = code + "\nimport sys, json; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout.strip().splitlines()[-1])), time.perf_counter() - t0
+
+
+HEAVY = {"tensorflow", "keras", "openvino", "nncf", "matplotlib"}
+
+
+def test_import_wsiproc_loads_nothing_heavy() -> None:
+    loaded, _ = _loaded_after("import wsiproc")
+    assert not loaded & (HEAVY | {"numpy", "dask", "scipy"})
+
+
+def test_help_and_info_do_not_load_tensorflow() -> None:
+    run_cli = ("import sys; from wsiproc.cli import main\n"
+               "try:\n    main([{args}], standalone_mode=True)\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n")
+    help_loaded, help_s = _loaded_after(run_cli.format(args='"--help"'))
+    info_loaded, _ = _loaded_after(run_cli.format(args=f'"info", {str(SAMPLE)!r}'))
+    assert not help_loaded & HEAVY, help_loaded & HEAVY
+    assert not info_loaded & HEAVY, info_loaded & HEAVY
+    assert "dask" not in help_loaded  # help loads click and the option tables only
+    assert help_s < 5  # about 0.5 s on an idle machine; generous for a loaded CI runner
