@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import importlib
 
+from . import _tensorflow
+
 __version__ = "0.1.0"
+
+_tensorflow.install()  # TensorFlow, whenever something loads it, starts without printing to the terminal
 
 #: Public name → the module that defines it (imported when the name is first used).
 _PUBLIC = {

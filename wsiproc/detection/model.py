@@ -9,11 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from ..errors import ModelError, ModelNotFoundError  # noqa: E402
+from ..errors import ModelError, ModelNotFoundError
 
 # Keras (and with it TensorFlow) is imported inside the functions that build, load or save a network: the
 # constants and paths here are what the tiler, the CLI's --help and `info` need, and they must not pay 5 s
