@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
 from ..config import RunConfig
 from ..detection.inference import Predictor
 from ..detection.loop import ProgressFn, detect
 from ..io.slide import open_slide
-from ..outputs.record import engine_record, slide_summary, split_stats
+from ..outputs.record import RunRecord
 
 
 def run_slide(path: str | Path, out_dir: str | Path, cfg: RunConfig, predictor: Predictor, stem: str | None = None,
@@ -28,31 +27,22 @@ def run_slide(path: str | Path, out_dir: str | Path, cfg: RunConfig, predictor: 
     try:
         mpp0 = slide.require_mpp()
         result = detect(slide, cfg, predictor, progress, client=client)
-        record = {
-            "wsiproc_version": __version__,
-            "input": {**slide_summary(slide), **(extra_input or {})},
-            "model": {"path": str(predictor.model_path), "sha256": predictor.sha256, "device": predictor.device,
-                      "precision": getattr(predictor, "precision", "float32")},
-            "engine": engine_record(predictor),
-            "parameters": cfg.to_dict(),
-            "mpp_used": mpp0,
-            **split_stats(result.stats),
-        }
+        record = RunRecord.of(slide, predictor, cfg, result, extra_input)
         w0, h0 = slide.dimensions
         # Everything but writing the files themselves: the record is written last and cannot time itself.
-        record["timings_s"]["total_before_write_s"] = round(time.perf_counter() - t0, 3)
-        record["nuclei"] = len(result.detections)
+        record.timings_s["total_before_write_s"] = round(time.perf_counter() - t0, 3)
         # GeoJSON ids seeded by what determines the result: a rerun writes byte-identical files.
-        id_seed = int(hashlib.sha256(json.dumps([predictor.sha256, record["input"], cfg.to_dict()], sort_keys=True, default=str).encode()).hexdigest()[:16], 16)
+        id_seed = int(hashlib.sha256(json.dumps([predictor.sha256, record.input, cfg.to_dict()], sort_keys=True, default=str).encode()).hexdigest()[:16], 16)
+
         def qc_picture(qc_path: Path, density: np.ndarray) -> None:
             from ..outputs.qc import write_qc_png
 
             write_qc_png(qc_path, result.sampler, result.tissue, result.detections, density, mpp0, cfg.density_cell_um)
 
-        outputs = write_outputs(Path(out_dir), stem or path.stem, result.detections, mpp0, (h0, w0), record,
+        outputs = write_outputs(Path(out_dir), stem or path.stem, result.detections, mpp0, (h0, w0), record.to_dict(),
                                 cell_um=cfg.density_cell_um, geojson_gz=cfg.geojson_gz, id_seed=id_seed, qc=qc_picture)
-        record["outputs"] = {key: p.name for key, p in outputs.items()}
-        return record
+        record.outputs = {key: p.name for key, p in outputs.items()}
+        return record.to_dict()
     finally:
         slide.close()
 

@@ -31,12 +31,52 @@ from .tissue import TissueMask, tissue_mask
 ProgressFn = Callable[[int, int, int], None]  # (tiles done, tiles to do, nuclei so far)
 
 
+@dataclass(frozen=True)
+class TileResult:
+    """The nuclei one tile owns (centroid in its core), in model-grid pixel-index coordinates of the whole slide."""
+
+    row: int
+    col: int
+    y_model_px: np.ndarray
+    x_model_px: np.ndarray
+    confidence: np.ndarray
+    area_model_px: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.x_model_px)
+
+
+@dataclass
+class BatchResult:
+    """One batch of tiles through the model: what it found, which tiles could not be read, and the seconds spent."""
+
+    n_tiles: int
+    found: list[TileResult]
+    failed_tiles: list[dict]
+    predict_s: float = 0.0
+    postprocess_s: float = 0.0
+
+
 @dataclass
 class SlideDetections:
+    """A slide's nuclei and what the run record says about finding them, grouped as the record groups it."""
+
     detections: Detections
-    stats: dict = field(default_factory=dict)
+    tiles: dict = field(default_factory=dict)  # the grid and the tissue: tiles_total, tiles_computed, grid_*, tissue_*
+    timings_s: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)  # the record's "stats": tile and halo sides, seams, failed tiles…
+    warnings: list[str] = field(default_factory=list)
     tissue: TissueMask | None = None
     sampler: SlideSampler | None = None
+
+    @property
+    def stats(self) -> dict:
+        """Every figure in one flat mapping."""
+        return {**self.tiles, **self.figures, **self.timings_s, "warnings": self.warnings}
+
+
+#: The keys of `plan_tiles`' counts that describe the grid and the tissue (the rest are figures).
+_TILE_KEYS = ("tiles_total", "tiles_computed", "tissue_fraction", "tissue_saturation_threshold")
 
 
 #: Images whose longer side is at most this many tile sides are computed as one tile.
@@ -97,11 +137,17 @@ def read_tile(blocks, rc: tuple[int, int], strict: bool, path: Path) -> tuple[np
         return None, {"row": rc[0], "col": rc[1], "error": problem(exc)}
 
 
-def _nuclei_of_tiles(grid: TileGrid, tiles: list[tuple[int, int]], conf: np.ndarray, post: Postprocess) -> tuple[list, float]:
-    """Post-processing of one batch's confidence maps: per tile (row, col, y, x, confidence, area_px) in its core."""
+def _nuclei_of_tiles(grid: TileGrid, tiles: list[tuple[int, int]], conf: np.ndarray, post: Postprocess) -> tuple[list[TileResult], float]:
+    """Post-processing of one batch's confidence maps: the nuclei in each tile's core."""
     t0 = time.perf_counter()
-    found = [(r, c, *keep_core(post(tile_conf), grid, r, c)) for (r, c), tile_conf in zip(tiles, conf)]
+    found = [TileResult(r, c, *keep_core(post(tile_conf), grid, r, c)) for (r, c), tile_conf in zip(tiles, conf)]
     return found, time.perf_counter() - t0
+
+
+def _split_reads(batch: list[tuple[int, int]], reads: list) -> tuple[list, list[dict]]:
+    """(tile, image) of the tiles that could be read, and the failures of those that could not."""
+    results = [(rc, *read) for rc, read in zip(batch, reads)]
+    return [(rc, img) for rc, img, _ in results if img is not None], [f for _, _, f in results if f is not None]
 
 
 def _predict(predictor, images: list[np.ndarray]) -> tuple[np.ndarray, float]:
@@ -118,14 +164,12 @@ def worker_predictor(model_path: str, precision: str = "auto", engine: str = "au
 def _remote_batch(sampler: SlideSampler, grid: TileGrid, tiles: list[tuple[int, int]], cfg: RunConfig, model_path: str):
     """What a dask worker does with one batch: read, predict, post-process; the model is loaded once per worker."""
     blocks = halo_tiles(sampler, grid)
-    reads = [(rc, *read_tile(blocks, rc, cfg.strict, Path(sampler.path))) for rc in tiles]
-    ok = [(rc, img) for rc, img, _ in reads if img is not None]
-    failures = [f for _, _, f in reads if f is not None]
+    ok, failures = _split_reads(tiles, [read_tile(blocks, rc, cfg.strict, Path(sampler.path)) for rc in tiles])
     if not ok:
-        return [], failures, 0.0, 0.0
+        return BatchResult(len(tiles), [], failures)
     conf, t_pred = _predict(worker_predictor(model_path, cfg.precision, cfg.engine), [img for _, img in ok])
     found, t_post = _nuclei_of_tiles(grid, [rc for rc, _ in ok], conf, cfg.postprocessor())
-    return found, failures, t_pred, t_post
+    return BatchResult(len(tiles), found, failures, t_pred, t_post)
 
 
 def _local_batches(slide: Slide, sampler: SlideSampler, grid: TileGrid, batches: list, cfg: RunConfig, predictor: Predictor):
@@ -139,19 +183,17 @@ def _local_batches(slide: Slide, sampler: SlideSampler, grid: TileGrid, batches:
         upcoming = iter(batches[2:])
         post: deque = deque()  # (tiles in batch, post-processing future, failures, predict seconds)
 
-        def finished():
+        def finished() -> BatchResult:
             n_tiles, future, failures, t_pred = post.popleft()
             found, t_post = future.result()
-            return n_tiles, found, failures, t_pred, t_post
+            return BatchResult(n_tiles, found, failures, t_pred, t_post)
 
         while pending:
             batch, futures = pending.popleft()
             nxt = next(upcoming, None)
             if nxt is not None:
                 pending.append(submit(nxt))
-            reads = [(rc, *f.result()) for rc, f in zip(batch, futures)]
-            ok = [(rc, img) for rc, img, _ in reads if img is not None]
-            failures = [f for _, _, f in reads if f is not None]
+            ok, failures = _split_reads(batch, [f.result() for f in futures])
             if not ok:
                 post.append((len(batch), pool.submit(lambda: ([], 0.0)), failures, 0.0))
             else:
@@ -167,10 +209,9 @@ def _distributed_batches(client, sampler: SlideSampler, grid: TileGrid, batches:
     """One dask task per batch on the cluster; results come back as they finish (order does not matter)."""
     from distributed import as_completed
 
-    futures = {client.submit(_remote_batch, sampler, grid, batch, cfg, str(predictor.model_path), pure=False): len(batch) for batch in batches}
+    futures = [client.submit(_remote_batch, sampler, grid, batch, cfg, str(predictor.model_path), pure=False) for batch in batches]
     for future in as_completed(futures):
-        found, failures, t_pred, t_post = future.result()
-        yield futures[future], found, failures, t_pred, t_post
+        yield future.result()
 
 
 def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: ProgressFn | None = None, client=None) -> SlideDetections:
@@ -181,51 +222,58 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
     """
     t_start = time.perf_counter()
     sampler = SlideSampler.for_slide(slide, cfg.model_mpp)
-    grid, tiles, stats, mask = plan_tiles(sampler, cfg, getattr(predictor, "geometry", None))
-    stats["tile_mask_s"] = round(time.perf_counter() - t_start, 3)
+    grid, tiles, counts, mask = plan_tiles(sampler, cfg, getattr(predictor, "geometry", None))
+    tile_mask_s = round(time.perf_counter() - t_start, 3)
     batches = list(batched(tiles, cfg.batch_size))
     source = (_distributed_batches(client, sampler, grid, batches, cfg, predictor) if client is not None
               else _local_batches(slide, sampler, grid, batches, cfg, predictor))
 
-    parts: list[tuple] = []
+    parts: list[TileResult] = []
     failed_tiles: list[dict] = []
     t_predict = t_post = 0.0
     done = n_found = 0
-    for n_tiles, found, failures, t_pred, t_pp in source:
-        parts.extend(found)
-        failed_tiles.extend(failures)
-        done += n_tiles
-        n_found += sum(len(f[3]) for f in found)
-        t_predict += t_pred
-        t_post += t_pp
+    for result in source:
+        parts.extend(result.found)
+        failed_tiles.extend(result.failed_tiles)
+        done += result.n_tiles
+        n_found += sum(len(f) for f in result.found)
+        t_predict += result.predict_s
+        t_post += result.postprocess_s
         if progress:
             progress(done, len(tiles), n_found)
 
-    parts.sort(key=lambda f: (f[0], f[1]))  # tile order: the same output whichever finished first
-    y = np.concatenate([f[2] for f in parts]) if parts else np.zeros(0)
-    x = np.concatenate([f[3] for f in parts]) if parts else np.zeros(0)
-    conf_all = np.concatenate([f[4] for f in parts]).astype(np.float32) if parts else np.zeros(0, np.float32)
-    area = np.concatenate([f[5] for f in parts]) if parts else np.zeros(0)
-    tile_ids = np.concatenate([np.full(len(f[3]), f[0] * grid.cols + f[1], np.int64) for f in parts]) if parts else np.zeros(0, np.int64)
+    det, merged = _stitch(parts, grid, cfg, slide.require_mpp())
+    failed_tiles.sort(key=lambda f: (f["row"], f["col"]))
+    if tiles and len(failed_tiles) == len(tiles):  # an empty result would look like a slide without nuclei
+        raise SlideError(f"{slide.path}: no tile could be decoded ({len(tiles)} tried; first error: {failed_tiles[0]['error']})")
+    warnings = counts.pop("warnings")
+    if failed_tiles:
+        warnings.append(f"{len(failed_tiles)} tile(s) could not be decoded and were skipped (see failed_tiles)")
+    return SlideDetections(
+        det,
+        tiles={**{k: counts.pop(k) for k in _TILE_KEYS if k in counts}, "grid_rows": grid.rows, "grid_cols": grid.cols},
+        timings_s={"tile_mask_s": tile_mask_s, "predict_s": round(t_predict, 3), "postprocess_s": round(t_post, 3),
+                   "detect_s": round(time.perf_counter() - t_start, 3)},
+        figures={**counts, "tile_px": grid.tile_px, "halo_px": grid.halo_px, "model_input_px": grid.block_px,
+                 "merged_at_seams": merged, "megapixels_computed": round(len(tiles) * grid.tile_px**2 / 1e6, 3),
+                 "failed_tiles": failed_tiles},
+        warnings=warnings, tissue=mask, sampler=sampler,
+    )
+
+
+def _stitch(parts: list[TileResult], grid: TileGrid, cfg: RunConfig, mpp0: float) -> tuple[Detections, int]:
+    """The tiles' nuclei as one set on the level-0 grid (µm/px `mpp0`), seams merged; and how many were merged."""
+    parts = sorted(parts, key=lambda f: (f.row, f.col))  # tile order: the same output whichever finished first
+    y = np.concatenate([f.y_model_px for f in parts]) if parts else np.zeros(0)
+    x = np.concatenate([f.x_model_px for f in parts]) if parts else np.zeros(0)
+    conf_all = np.concatenate([f.confidence for f in parts]).astype(np.float32) if parts else np.zeros(0, np.float32)
+    area = np.concatenate([f.area_model_px for f in parts]) if parts else np.zeros(0)
+    tile_ids = np.concatenate([np.full(len(f), f.row * grid.cols + f.col, np.int64) for f in parts]) if parts else np.zeros(0, np.int64)
     keep = merge_across_tiles(y, x, conf_all, tile_ids, cfg.merge_radius_um / cfg.model_mpp)
-    mpp0 = slide.require_mpp()
     det = Detections(
         map_coords(x[keep], cfg.model_mpp, mpp0),
         map_coords(y[keep], cfg.model_mpp, mpp0),
         conf_all[keep],
         (area[keep] * cfg.model_mpp**2).astype(np.float32),
     )
-    failed_tiles.sort(key=lambda f: (f["row"], f["col"]))
-    if tiles and len(failed_tiles) == len(tiles):  # an empty result would look like a slide without nuclei
-        raise SlideError(f"{slide.path}: no tile could be decoded ({len(tiles)} tried; first error: {failed_tiles[0]['error']})")
-    stats.update(
-        tile_px=grid.tile_px, halo_px=grid.halo_px, model_input_px=grid.block_px, grid_rows=grid.rows, grid_cols=grid.cols,
-        merged_at_seams=int(len(x) - len(keep)), predict_s=round(t_predict, 3), postprocess_s=round(t_post, 3),
-        detect_s=round(time.perf_counter() - t_start, 3),
-        megapixels_computed=round(len(tiles) * grid.tile_px**2 / 1e6, 3), failed_tiles=failed_tiles,
-    )
-    if failed_tiles:
-        stats["warnings"].append(f"{len(failed_tiles)} tile(s) could not be decoded and were skipped (see failed_tiles)")
-    return SlideDetections(det, stats, mask, sampler)
-
-
+    return det, int(len(x) - len(keep))

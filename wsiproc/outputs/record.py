@@ -4,15 +4,53 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import __version__
 from ..io.files import atomic_write_text
 
 if TYPE_CHECKING:
+    from ..config import RunConfig
+    from ..detection.loop import SlideDetections
     from ..io.slide import Slide
+
+
+@dataclass
+class RunRecord:
+    """The run record, field by field; `<stem>.json` holds `to_dict()` with sorted keys."""
+
+    input: dict  # slide_summary + the input's fingerprint
+    model: dict  # path, sha256, device, precision
+    engine: dict  # engine_record
+    parameters: dict  # RunConfig.to_dict
+    mpp_used: float  # the level-0 pixel size the coordinates were converted with
+    tiles: dict  # the grid and the tissue
+    timings_s: dict
+    stats: dict  # tile and halo sides, seams merged, failed tiles…
+    warnings: list[str]
+    nuclei: int = 0
+    outputs: dict[str, str] = field(default_factory=dict)  # key → file name in the output folder
+    wsiproc_version: str = __version__
+
+    @classmethod
+    def of(cls, slide: Slide, predictor, cfg: RunConfig, result: SlideDetections, extra_input: dict | None = None) -> "RunRecord":
+        return cls(
+            input={**slide_summary(slide), **(extra_input or {})},
+            model={"path": str(predictor.model_path), "sha256": predictor.sha256, "device": predictor.device,
+                   "precision": getattr(predictor, "precision", "float32")},
+            engine=engine_record(predictor),
+            parameters=cfg.to_dict(),
+            mpp_used=slide.require_mpp(),
+            tiles=dict(result.tiles), timings_s=dict(result.timings_s), stats=dict(result.figures),
+            warnings=list(result.warnings), nuclei=len(result.detections),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def _json_default(value: Any) -> Any:
@@ -59,16 +97,6 @@ def slide_summary(slide: Slide) -> dict:
         "mpp": slide.mpp,
         "mpp_source": slide.mpp_source,
     }
-
-
-def split_stats(stats: dict) -> dict:
-    """The detection statistics as the run record holds them: each figure once, grouped by what it is about."""
-    tiles = {k: v for k, v in stats.items() if k.startswith(("tiles_", "grid_", "tissue_"))}
-    timings = {k: v for k, v in stats.items() if k.endswith("_s")}
-    rest = {k: v for k, v in stats.items() if k not in tiles and k not in timings and k != "warnings"}
-    return {"tiles": tiles, "warnings": stats["warnings"], "timings_s": timings, "stats": rest}
-
-
 
 
 def slide_info(slide: Slide) -> dict:
