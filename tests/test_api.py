@@ -66,3 +66,21 @@ def test_help_and_info_do_not_load_tensorflow() -> None:
     assert not info_loaded & HEAVY, info_loaded & HEAVY
     assert "dask" not in help_loaded  # help loads click and the option tables only
     assert help_s < 5  # about 0.5 s on an idle machine; generous for a loaded CI runner
+
+
+def test_a_tensorflow_run_prints_no_tensorflow_lines(tmp_path: Path, tiny_model: Path) -> None:
+    """TensorFlow's start-up lines (oneDNN, absl, CPU features) stay off the terminal; --verbose lets them through."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("WSIPROC_VERBOSE", None)
+    args = ["run", str(SAMPLE), "--model", str(tiny_model), "--engine", "tensorflow", "--quiet", "--no-tissue-mask"]
+    quiet = subprocess.run([sys.executable, "-m", "wsiproc.cli", *args, "--out", str(tmp_path / "quiet")], cwd=REPO,
+                           env=env, capture_output=True, text=True)
+    assert quiet.returncode == 0, quiet.stderr
+    noise = ("oneDNN", "absl", "cpu_feature_guard", "tensorflow/", "I0000", "W0000")
+    assert not [line for line in quiet.stderr.splitlines() if any(n in line for n in noise)], quiet.stderr
+    verbose = subprocess.run([sys.executable, "-m", "wsiproc.cli", "--verbose", *args, "--out", str(tmp_path / "verbose")],
+                             cwd=REPO, env=env, capture_output=True, text=True)
+    assert verbose.returncode == 0, verbose.stderr
+    assert "oneDNN" in verbose.stderr or "absl" in verbose.stderr  # TensorFlow 2.2x says one of them at start-up
+    quiet_csv = (tmp_path / "quiet" / f"{SAMPLE.stem}.csv").read_bytes()
+    assert quiet_csv == (tmp_path / "verbose" / f"{SAMPLE.stem}.csv").read_bytes()  # the same numbers either way

@@ -8,13 +8,16 @@ from typing import Callable, Iterable
 from .config import RunConfig
 from .detection.detections import Detections
 from .detection.inference import Predictor
+from .detection.model import resolve_model_path
 from .io.slide import Slide, open_slide
 
 
 def _predictor(cfg: RunConfig, model: Predictor | str | os.PathLike[str] | None) -> Predictor:
+    """`model` as given: a Predictor, a shipped model's name (default, lean…) or a file; None: the config's."""
     if isinstance(model, Predictor):
         return model
-    return Predictor(model if model is not None else cfg.model_path, precision=cfg.precision, engine=cfg.engine)
+    path = resolve_model_path(model) if model is not None else cfg.model_path
+    return Predictor(path, precision=cfg.precision, engine=cfg.engine)
 
 
 def detect(slide: Slide | str | os.PathLike[str], config: RunConfig | None = None, *,
@@ -22,7 +25,7 @@ def detect(slide: Slide | str | os.PathLike[str], config: RunConfig | None = Non
     """Every nucleus of one slide (an open `Slide` or a file path), in level-0 pixel-index coordinates.
 
     `config`: the run parameters (default `RunConfig()`, those of `wsiproc run`); `model`: a `Predictor` to reuse
-    across slides, or a model file (default: `config.model_path`, else the shipped model); `client`: a
+    across slides, a shipped model's name (`default`, `lean`, `unet`) or a model file (default: `config.model_path`, else the shipped model); `client`: a
     dask.distributed client to spread the tiles over (the result is the same).
     """
     from .detection.loop import detect as detect_slide
