@@ -173,12 +173,7 @@ def evaluate_sets(
     missing: list[str] = []
     recounted: list[str] = []
     for name, true_xy in truth.items():
-        if isinstance(radius_px, Mapping):
-            if name not in radius_px:
-                raise ValueError(f"no radius_px given for image {name!r}")
-            radius = float(radius_px[name])
-        else:
-            radius = float(radius_px)
+        radius = _radius_for(radius_px, name)
         label_map = label_maps.get(name)
         source = f"image {name!r}"
         if label_map is not None and not isinstance(label_map, np.ndarray):
@@ -192,25 +187,37 @@ def evaluate_sets(
             raise ValueError(f"{source}: {exc}") from None
         if label_map is not None and per_image[name].n_true != len(true_xy):
             recounted.append(f"{name}: {per_image[name].n_true} labels, {len(true_xy)} points")
+    _warn_mismatches(per_image, missing, recounted, [name for name in pred if name not in truth])
+    return per_image, sum(per_image.values(), Score(0, 0, 0))
+
+
+def _radius_for(radius_px: float | Mapping[str, float], name: str) -> float:
+    if isinstance(radius_px, Mapping):
+        if name not in radius_px:
+            raise ValueError(f"no radius_px given for image {name!r}")
+        return float(radius_px[name])
+    return float(radius_px)
+
+
+def _warn_mismatches(per_image: Mapping[str, Score], missing: list[str], recounted: list[str], extra: list[str]) -> None:
+    """One warning per kind of mismatch between predictions, points and label maps (stacklevel: evaluate_sets' caller)."""
     if missing:
         lost = sum(per_image[name].fn for name in missing)
         warnings.warn(
-            f"no predictions for {len(missing)} of {len(truth)} annotated images ({_some(missing)}): "
+            f"no predictions for {len(missing)} of {len(per_image)} annotated images ({_some(missing)}): "
             f"their {lost} nuclei count as missed",
-            stacklevel=2,
+            stacklevel=3,
         )
     if recounted:
         warnings.warn(
             f"label maps and annotated points count different nuclei ({_some(recounted, 3)}): "
             "scored against the label maps",
-            stacklevel=2,
+            stacklevel=3,
         )
-    extra = [name for name in pred if name not in truth]
     if extra:
         warnings.warn(
-            f"predictions for {len(extra)} images without annotations ({_some(extra)}): not scored", stacklevel=2
+            f"predictions for {len(extra)} images without annotations ({_some(extra)}): not scored", stacklevel=3
         )
-    return per_image, sum(per_image.values(), Score(0, 0, 0))
 
 
 def format_table(per_image: Mapping[str, Score], total: Score) -> str:

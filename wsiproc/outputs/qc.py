@@ -132,26 +132,17 @@ def write_qc_png(
     `max_side_px` wide. Returns `path`.
     """
     from matplotlib.figure import Figure  # lazy: slow import; Figure (not pyplot) keeps no global state
-    from matplotlib.collections import EllipseCollection
-    from matplotlib.patches import Rectangle
 
     path = Path(path)
     w0, h0 = sampler.slide.dimensions
     slide_h_um, slide_w_um = h0 * level0_mpp, w0 * level0_mpp
-    thumb_mpp = max(level0_mpp, level0_mpp * max(w0, h0) / THUMB_MAX_SIDE_PX)
-    thumb_sampler = SlideSampler(sampler.path, sampler.mpp_override, thumb_mpp)
-    th, tw = thumb_sampler.shape_hw()
-    thumb = _read_or_gray(thumb_sampler, 0, 0, th, tw)
+    thumb, thumb_mpp = _thumbnail(sampler, level0_mpp, w0, h0)
+    th, tw = thumb.shape[:2]
     slide_extent = (0.0, tw * thumb_mpp, th * thumb_mpp, 0.0)  # (left, right, bottom, top) in µm
 
     d = np.asarray(density, dtype=np.float32)
     crop = qc_crop(d, cell_um, (slide_h_um, slide_w_um), mask)
-    crop_mpp = max(CROP_MPP, level0_mpp, max(crop.width_um, crop.height_um) / CROP_MAX_SIDE_PX)
-    crop_sampler = SlideSampler(sampler.path, sampler.mpp_override, crop_mpp)
-    cy0, cx0 = int(math.floor(crop.y0_um / crop_mpp)), int(math.floor(crop.x0_um / crop_mpp))
-    ch, cw = max(1, int(round(crop.height_um / crop_mpp))), max(1, int(round(crop.width_um / crop_mpp)))
-    crop_rgb = _read_or_gray(crop_sampler, cy0, cx0, ch, cw)
-    crop_extent = (cx0 * crop_mpp, (cx0 + cw) * crop_mpp, (cy0 + ch) * crop_mpp, cy0 * crop_mpp)
+    crop_rgb, crop_mpp, crop_extent = _zoom(sampler, crop, level0_mpp)
 
     # Size: three panels side by side, `max_side_px` wide, the zoom a little wider than the others (it is
     # the one to inspect closely); tall enough for the slide's and the crop's aspect ratios, no taller.
@@ -167,52 +158,9 @@ def write_qc_png(
     fig.suptitle(f"{Path(sampler.path).name} — {n_nuclei:,} nuclei  (level 0: {w0:,}×{h0:,} px at {level0_mpp:g} µm/px, "
                  + (f"tissue {100 * mask.fraction:.0f}%)" if mask is not None else "no tissue mask)"), fontsize=small + 2)
 
-    # (a) thumbnail + tissue outline. The mask is padded with background so tissue touching the slide's edge
-    # still gets a closed outline.
-    ax_thumb.imshow(thumb, extent=slide_extent, interpolation="lanczos" if max(th, tw) < 300 else "antialiased")
-    if mask is not None and mask.mask.any():
-        mh, mw = mask.mask.shape
-        padded = np.pad(mask.mask.astype(np.float32), 1)
-        ax_thumb.contour(padded, levels=[0.5], colors=["#1f9e1f"], linewidths=1.2, origin="upper",
-                         extent=(-mask.mpp, (mw + 1) * mask.mpp, (mh + 1) * mask.mpp, -mask.mpp))
-    ax_thumb.add_patch(Rectangle((crop.x0_um, crop.y0_um), crop.width_um, crop.height_um, fill=False, edgecolor=MARKER_COLOR,
-                                 linewidth=1.5))
-    ax_thumb.set_title("tissue mask (green), zoom (cyan)", fontsize=small)
-
-    # (b) density over a pale grey thumbnail; empty cells stay transparent so the tissue shows through.
-    grey = thumb.astype(np.float32).mean(axis=2)
-    ax_dens.imshow(grey, cmap="gray", vmin=0, vmax=255, extent=slide_extent, alpha=0.5)
-    rows, cols = d.shape
-    # Saturate at the 99th percentile on large grids so a few crowded cells do not wash out the rest.
-    positive = d[d > 0]
-    vmax = float(np.percentile(positive, 99)) if positive.size >= 100 else float(positive.max()) if positive.size else 1.0
-    image = ax_dens.imshow(np.ma.masked_equal(d, 0), cmap="magma_r", vmin=0, vmax=max(vmax, 1.0), alpha=0.85,
-                           extent=(0.0, cols * cell_um, rows * cell_um, 0.0), interpolation="nearest")
-    if crop.cell_rc is not None:
-        r, c = crop.cell_rc
-        ax_dens.add_patch(Rectangle((c * cell_um, r * cell_um), cell_um, cell_um, fill=False, edgecolor=MARKER_COLOR, linewidth=1.5))
-    cax = ax_dens.inset_axes((1.03, 0.0, 0.05, 1.0))  # exactly as tall as the map, whatever its aspect
-    bar = fig.colorbar(image, cax=cax, extend="max" if float(d.max()) > vmax else "neither")
-    bar.set_label(f"nuclei per {cell_um:g} µm cell", fontsize=small)
-    bar.ax.tick_params(labelsize=small - 1)
-    ax_dens.set_title(f"density (max {d.max():.0f}; densest cell cyan)" if n_nuclei else "density: no nuclei", fontsize=small)
-    ax_dens.set_xlim(slide_extent[0], slide_extent[1])
-    ax_dens.set_ylim(slide_extent[2], slide_extent[3])
-
-    # (c) the crop with every detected centroid circled (in µm, so circles have a physical size).
-    ax_crop.imshow(crop_rgb, extent=crop_extent, interpolation="antialiased")
-    x_um = (np.asarray(det.x_px, dtype=np.float64) + 0.5) * level0_mpp
-    y_um = (np.asarray(det.y_px, dtype=np.float64) + 0.5) * level0_mpp
-    inside = crop.contains(x_um, y_um)
-    if inside.any():
-        diameter = 2 * MARKER_RADIUS_UM
-        circles = EllipseCollection(diameter, diameter, 0.0, units="xy", offsets=np.stack([x_um[inside], y_um[inside]], axis=1),
-                                    offset_transform=ax_crop.transData, facecolors="none", edgecolors=MARKER_COLOR, linewidths=0.8)
-        ax_crop.add_collection(circles)
-    ax_crop.set_xlim(crop_extent[0], crop_extent[1])
-    ax_crop.set_ylim(crop_extent[2], crop_extent[3])
-    ax_crop.set_title(f"zoom {crop.width_um:.0f}×{crop.height_um:.0f} µm at {crop_mpp:g} µm/px: {int(inside.sum())} nuclei",
-                      fontsize=small)
+    _draw_thumbnail(ax_thumb, thumb, slide_extent, mask, crop, small)
+    _draw_density(fig, ax_dens, thumb, slide_extent, d, cell_um, crop, n_nuclei, small)
+    _draw_zoom(ax_crop, crop_rgb, crop_extent, crop, crop_mpp, det, level0_mpp, small)
 
     for ax in (ax_thumb, ax_dens, ax_crop):
         ax.set_xlabel("µm", fontsize=small - 1)
@@ -220,3 +168,83 @@ def write_qc_png(
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     return path
+
+
+def _thumbnail(sampler: SlideSampler, level0_mpp: float, w0: int, h0: int) -> tuple[np.ndarray, float]:
+    """The whole slide at most THUMB_MAX_SIDE_PX on its longer side, and its µm/px."""
+    thumb_mpp = max(level0_mpp, level0_mpp * max(w0, h0) / THUMB_MAX_SIDE_PX)
+    thumb_sampler = SlideSampler(sampler.path, sampler.mpp_override, thumb_mpp)
+    th, tw = thumb_sampler.shape_hw()
+    return _read_or_gray(thumb_sampler, 0, 0, th, tw), thumb_mpp
+
+
+def _zoom(sampler: SlideSampler, crop: QCCrop, level0_mpp: float) -> tuple[np.ndarray, float, tuple[float, float, float, float]]:
+    """The crop's pixels at near-model resolution, their µm/px and their extent (left, right, bottom, top) in µm."""
+    crop_mpp = max(CROP_MPP, level0_mpp, max(crop.width_um, crop.height_um) / CROP_MAX_SIDE_PX)
+    crop_sampler = SlideSampler(sampler.path, sampler.mpp_override, crop_mpp)
+    cy0, cx0 = int(math.floor(crop.y0_um / crop_mpp)), int(math.floor(crop.x0_um / crop_mpp))
+    ch, cw = max(1, int(round(crop.height_um / crop_mpp))), max(1, int(round(crop.width_um / crop_mpp)))
+    crop_rgb = _read_or_gray(crop_sampler, cy0, cx0, ch, cw)
+    return crop_rgb, crop_mpp, (cx0 * crop_mpp, (cx0 + cw) * crop_mpp, (cy0 + ch) * crop_mpp, cy0 * crop_mpp)
+
+
+def _draw_thumbnail(ax, thumb: np.ndarray, slide_extent, mask: TissueMask | None, crop: QCCrop, small: float) -> None:
+    """(a) thumbnail + tissue outline. The mask is padded with background so tissue touching the slide's edge
+    still gets a closed outline."""
+    from matplotlib.patches import Rectangle
+
+    th, tw = thumb.shape[:2]
+    ax.imshow(thumb, extent=slide_extent, interpolation="lanczos" if max(th, tw) < 300 else "antialiased")
+    if mask is not None and mask.mask.any():
+        mh, mw = mask.mask.shape
+        padded = np.pad(mask.mask.astype(np.float32), 1)
+        ax.contour(padded, levels=[0.5], colors=["#1f9e1f"], linewidths=1.2, origin="upper",
+                   extent=(-mask.mpp, (mw + 1) * mask.mpp, (mh + 1) * mask.mpp, -mask.mpp))
+    ax.add_patch(Rectangle((crop.x0_um, crop.y0_um), crop.width_um, crop.height_um, fill=False, edgecolor=MARKER_COLOR,
+                           linewidth=1.5))
+    ax.set_title("tissue mask (green), zoom (cyan)", fontsize=small)
+
+
+def _draw_density(fig, ax, thumb: np.ndarray, slide_extent, d: np.ndarray, cell_um: float, crop: QCCrop, n_nuclei: int,
+                  small: float) -> None:
+    """(b) density over a pale grey thumbnail; empty cells stay transparent so the tissue shows through."""
+    from matplotlib.patches import Rectangle
+
+    grey = thumb.astype(np.float32).mean(axis=2)
+    ax.imshow(grey, cmap="gray", vmin=0, vmax=255, extent=slide_extent, alpha=0.5)
+    rows, cols = d.shape
+    # Saturate at the 99th percentile on large grids so a few crowded cells do not wash out the rest.
+    positive = d[d > 0]
+    vmax = float(np.percentile(positive, 99)) if positive.size >= 100 else float(positive.max()) if positive.size else 1.0
+    image = ax.imshow(np.ma.masked_equal(d, 0), cmap="magma_r", vmin=0, vmax=max(vmax, 1.0), alpha=0.85,
+                      extent=(0.0, cols * cell_um, rows * cell_um, 0.0), interpolation="nearest")
+    if crop.cell_rc is not None:
+        r, c = crop.cell_rc
+        ax.add_patch(Rectangle((c * cell_um, r * cell_um), cell_um, cell_um, fill=False, edgecolor=MARKER_COLOR, linewidth=1.5))
+    cax = ax.inset_axes((1.03, 0.0, 0.05, 1.0))  # exactly as tall as the map, whatever its aspect
+    bar = fig.colorbar(image, cax=cax, extend="max" if float(d.max()) > vmax else "neither")
+    bar.set_label(f"nuclei per {cell_um:g} µm cell", fontsize=small)
+    bar.ax.tick_params(labelsize=small - 1)
+    ax.set_title(f"density (max {d.max():.0f}; densest cell cyan)" if n_nuclei else "density: no nuclei", fontsize=small)
+    ax.set_xlim(slide_extent[0], slide_extent[1])
+    ax.set_ylim(slide_extent[2], slide_extent[3])
+
+
+def _draw_zoom(ax, crop_rgb: np.ndarray, crop_extent, crop: QCCrop, crop_mpp: float, det: Detections, level0_mpp: float,
+               small: float) -> None:
+    """(c) the crop with every detected centroid circled (in µm, so circles have a physical size)."""
+    from matplotlib.collections import EllipseCollection
+
+    ax.imshow(crop_rgb, extent=crop_extent, interpolation="antialiased")
+    x_um = (np.asarray(det.x_px, dtype=np.float64) + 0.5) * level0_mpp
+    y_um = (np.asarray(det.y_px, dtype=np.float64) + 0.5) * level0_mpp
+    inside = crop.contains(x_um, y_um)
+    if inside.any():
+        diameter = 2 * MARKER_RADIUS_UM
+        circles = EllipseCollection(diameter, diameter, 0.0, units="xy", offsets=np.stack([x_um[inside], y_um[inside]], axis=1),
+                                    offset_transform=ax.transData, facecolors="none", edgecolors=MARKER_COLOR, linewidths=0.8)
+        ax.add_collection(circles)
+    ax.set_xlim(crop_extent[0], crop_extent[1])
+    ax.set_ylim(crop_extent[2], crop_extent[3])
+    ax.set_title(f"zoom {crop.width_um:.0f}×{crop.height_um:.0f} µm at {crop_mpp:g} µm/px: {int(inside.sum())} nuclei",
+                 fontsize=small)
