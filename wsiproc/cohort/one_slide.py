@@ -25,7 +25,7 @@ def run_slide(path: str | Path, out_dir: str | Path, cfg: RunConfig, predictor: 
     path = Path(path)
     slide = open_slide(path, cfg.mpp)
     try:
-        mpp0 = slide.require_mpp()
+        level0_mpp = slide.require_mpp()
         result = detect(slide, cfg, predictor, progress, client=client)
         record = RunRecord.of(slide, predictor, cfg, result, extra_input)
         w0, h0 = slide.dimensions
@@ -37,9 +37,9 @@ def run_slide(path: str | Path, out_dir: str | Path, cfg: RunConfig, predictor: 
         def qc_picture(qc_path: Path, density: np.ndarray) -> None:
             from ..outputs.qc import write_qc_png
 
-            write_qc_png(qc_path, result.sampler, result.tissue, result.detections, density, mpp0, cfg.density_cell_um)
+            write_qc_png(qc_path, result.sampler, result.tissue, result.detections, density, level0_mpp, cfg.density_cell_um)
 
-        outputs = write_outputs(Path(out_dir), stem or path.stem, result.detections, mpp0, (h0, w0), record.to_dict(),
+        outputs = write_outputs(Path(out_dir), stem or path.stem, result.detections, level0_mpp, (h0, w0), record.to_dict(),
                                 cell_um=cfg.density_cell_um, geojson_gz=cfg.geojson_gz, id_seed=id_seed, qc=qc_picture)
         record.outputs = {key: p.name for key, p in outputs.items()}
         return record.to_dict()

@@ -3,4 +3,11 @@
 one slide (`stitch`), the result type (`detections`) and the loop that drives them (`loop`).
 
 TensorFlow and OpenVINO are imported only inside the functions that build, load or run a network.
+
+Grids and units, as names say them: `*_model_px` / `model_mpp` is the network's 0.5 µm/px grid (tiles, halos,
+confidence maps), `*_level0_px` / `level0_mpp` the slide's full-resolution grid (every output coordinate),
+`*_um` micrometres; `RunConfig.mpp` is only the user's override of the slide's stored pixel size. Coordinates are
+pixel indices (the centre of pixel (0, 0) is (0, 0)). The tile grid and the samplers go row first
+(`y0, x0, height, width`, as numpy indexes); the two thin wrappers of outside libraries keep theirs:
+`Slide.read_level` OpenSlide's `x, y, width, height`, `resample_box` Pillow's `(x0, y0, x1, y1)` box and `(w, h)` size.
 """

@@ -261,8 +261,8 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
     )
 
 
-def _stitch(parts: list[TileResult], grid: TileGrid, cfg: RunConfig, mpp0: float) -> tuple[Detections, int]:
-    """The tiles' nuclei as one set on the level-0 grid (µm/px `mpp0`), seams merged; and how many were merged."""
+def _stitch(parts: list[TileResult], grid: TileGrid, cfg: RunConfig, level0_mpp: float) -> tuple[Detections, int]:
+    """The tiles' nuclei as one set on the level-0 grid (µm/px `level0_mpp`), seams merged; and how many were merged."""
     parts = sorted(parts, key=lambda f: (f.row, f.col))  # tile order: the same output whichever finished first
     y = np.concatenate([f.y_model_px for f in parts]) if parts else np.zeros(0)
     x = np.concatenate([f.x_model_px for f in parts]) if parts else np.zeros(0)
@@ -271,8 +271,8 @@ def _stitch(parts: list[TileResult], grid: TileGrid, cfg: RunConfig, mpp0: float
     tile_ids = np.concatenate([np.full(len(f), f.row * grid.cols + f.col, np.int64) for f in parts]) if parts else np.zeros(0, np.int64)
     keep = merge_across_tiles(y, x, conf_all, tile_ids, cfg.merge_radius_um / cfg.model_mpp)
     det = Detections(
-        map_coords(x[keep], cfg.model_mpp, mpp0),
-        map_coords(y[keep], cfg.model_mpp, mpp0),
+        map_coords(x[keep], cfg.model_mpp, level0_mpp),
+        map_coords(y[keep], cfg.model_mpp, level0_mpp),
         conf_all[keep],
         (area[keep] * cfg.model_mpp**2).astype(np.float32),
     )

@@ -304,9 +304,9 @@ def _detect_sample_region(slide, cfg, predictor, region_px: int | None, seed: in
     tile = sampler.read(y0 - halo, x0 - halo, side + 2 * halo, side + 2 * halo)
     found = cfg.postprocessor()(predictor(tile[None])[0])
     keep = owned(found.y, found.x, (halo, halo, halo + side, halo + side))
-    mpp0 = slide.require_mpp()
-    x = map_coords(found.x[keep] - halo + x0, cfg.model_mpp, mpp0)
-    y = map_coords(found.y[keep] - halo + y0, cfg.model_mpp, mpp0)
+    level0_mpp = slide.require_mpp()
+    x = map_coords(found.x[keep] - halo + x0, cfg.model_mpp, level0_mpp)
+    y = map_coords(found.y[keep] - halo + y0, cfg.model_mpp, level0_mpp)
     return np.atleast_1d(x), np.atleast_1d(y), (y0, x0, side)
 
 
@@ -316,11 +316,11 @@ def _explain_blocks(slide, model, x_px: np.ndarray, y_px: np.ndarray, rule: str)
     from ..detection.tiling import SlideSampler
 
     sampler = SlideSampler.for_slide(slide, MODEL_MPP)
-    mpp0 = slide.require_mpp()
+    level0_mpp = slide.require_mpp()
     half = BLOCK_PX // 2
     rgb, targets = [], []
     for x, y in zip(x_px, y_px):
-        v, u = int(round(float(map_coords(y, mpp0, MODEL_MPP)))), int(round(float(map_coords(x, mpp0, MODEL_MPP))))
+        v, u = int(round(float(map_coords(y, level0_mpp, MODEL_MPP)))), int(round(float(map_coords(x, level0_mpp, MODEL_MPP))))
         rgb.append(sampler.read(v - half, u - half, BLOCK_PX, BLOCK_PX))
         targets.append((half, half))
     blocks01 = np.stack(rgb).astype(np.float32) / 255.0

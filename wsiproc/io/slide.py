@@ -54,10 +54,10 @@ class Slide:
 
     def best_level_for_mpp(self, target_mpp: float) -> int:
         """The coarsest level still at least as fine as `target_mpp`: read there, then downsample."""
-        mpp0 = self.require_mpp()
+        level0_mpp = self.require_mpp()
         best = 0
         for level, ds in enumerate(self.level_downsamples):
-            if mpp0 * ds <= target_mpp * 1.001:
+            if level0_mpp * ds <= target_mpp * 1.001:
                 best = level if ds >= self.level_downsamples[best] else best
         return best
 
