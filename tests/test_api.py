@@ -84,3 +84,20 @@ def test_a_tensorflow_run_prints_no_tensorflow_lines(tmp_path: Path, tiny_model:
     assert "oneDNN" in verbose.stderr or "absl" in verbose.stderr  # TensorFlow 2.2x says one of them at start-up
     quiet_csv = (tmp_path / "quiet" / f"{SAMPLE.stem}.csv").read_bytes()
     assert quiet_csv == (tmp_path / "verbose" / f"{SAMPLE.stem}.csv").read_bytes()  # the same numbers either way
+
+
+def test_errors_map_to_exit_codes_in_one_place(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from wsiproc.cli import main
+    from wsiproc.cli.common import exit_code
+    from wsiproc.errors import ModelError, ModelNotFoundError, OutputFolderError, SlideError, UsageError, WsiprocError
+
+    assert exit_code(UsageError("x")) == 2
+    assert {exit_code(e) for e in (SlideError("x"), ModelError("x"), OutputFolderError("x"), WsiprocError("x"))} == {1}
+    assert isinstance(SlideError("x"), ValueError) and isinstance(ModelNotFoundError("x"), FileNotFoundError)
+    missing = tmp_path / "missing.keras"
+    result = CliRunner().invoke(main, ["explain", str(SAMPLE), "--out", str(tmp_path), "--model", str(missing)])
+    assert result.exit_code == 1 and result.output.strip() == f"{missing}: model file not found"
+    result = CliRunner().invoke(main, ["run", str(SAMPLE), "--out", str(tmp_path), "--claim-timeout", "soon"])
+    assert result.exit_code == 2 and result.output.startswith("error: --claim-timeout: expected a duration")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import ModelError, SlideError, one_line, problem
+from ..errors import ModelError, WsiprocError, one_line, problem
 
 
 @click.command()
@@ -30,5 +30,5 @@ def explain(slide_path: Path, n_nuclei: int, out_dir: Path, model_path: Path | N
     except ModelError as exc:  # names the model file
         raise ModelError(problem(exc)) from exc
     except (ValueError, OSError) as exc:  # the slide's (or the output folder's) problem, named by the slide
-        raise SlideError(one_line(exc, slide_path)) from exc
+        raise WsiprocError(one_line(exc, slide_path)) from exc
     click.echo(f"saved {path}")
