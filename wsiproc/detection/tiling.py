@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import dask.array as da
 import numpy as np
 
 from .model import SIZE_MULTIPLE_PX
 from ..io.resample import resample_box
 from ..io.slide import Slide, cached_slide
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ def slide_array(sampler: SlideSampler, chunk_px: int = 512) -> da.Array:
         (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
         return sampler.read(y0, x0, y1 - y0, x1 - x0)
 
+    import dask.array as da  # lazy: `wsiproc info` and the samplers need no dask
+
     return da.map_blocks(block, chunks=(_splits(h, chunk_px), _splits(w, chunk_px), (3,)), dtype=np.uint8, meta=np.empty((0, 0, 0), np.uint8))
 
 
@@ -118,6 +123,8 @@ def halo_tiles(sampler: SlideSampler, grid: TileGrid) -> da.Array:
     def block(block_info=None):
         r, c, _ = block_info[None]["chunk-location"]
         return sampler.read(r * grid.tile_px - grid.halo_px, c * grid.tile_px - grid.halo_px, b, b)
+
+    import dask.array as da
 
     return da.map_blocks(block, chunks=((b,) * grid.rows, (b,) * grid.cols, (3,)), dtype=np.uint8, meta=np.empty((0, 0, 0), np.uint8))
 
