@@ -26,6 +26,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -161,8 +162,15 @@ def train(args: argparse.Namespace) -> None:
                 self.model.stop_training = True
 
     def batches():
-        for x, y in pool.imap(_make_batch, range(state["step"], 10**9), chunksize=2):
-            yield x, y
+        # At most 2 batches per worker wait: `imap` over an endless range has no back-pressure, and where the
+        # model is slower than the workers (a CPU), its queue grows until the process runs out of memory.
+        pending: deque = deque()
+        step = state["step"]
+        while True:
+            while len(pending) < 2 * args.workers:
+                pending.append(pool.apply_async(_make_batch, (step,)))
+                step += 1
+            yield pending.popleft().get()
 
     model.fit(batches(), steps_per_epoch=10**6, epochs=1, callbacks=[Control()], verbose=0)
     pool.terminate()

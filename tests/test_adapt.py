@@ -1,4 +1,5 @@
-"""`wsiproc adapt` on real unlabeled H&E: the block store, resume, provenance and the guard against no positives."""
+"""`wsiproc adapt` on real unlabeled H&E: the block store, resume, provenance, both recipes, the consistency filter,
+the negatives, the unsure weights and the guard against no positives."""
 from __future__ import annotations
 
 import json
@@ -36,23 +37,30 @@ def test_adapt_mines_a_block_store_fine_tunes_and_records_provenance(tmp_path: P
 
     from wsiproc.io.files import file_sha256
     from wsiproc.detection.model import load_model
+    from wsiproc.learn.adapt import NUCLEUS, UNSURE
 
     out, work = tmp_path / "adapted.keras", tmp_path / "work"
-    result = _adapt(cohort, out, work)
+    result = _adapt(cohort, out, work)  # the default recipe: consistency
     assert result.exit_code == 0, result.output
     store = zarr.open_group(str(work / "blocks.zarr"), mode="r")
     slides = store.attrs["slides"]
+    assert store.attrs["recipe"] == "consistency"
     assert [Path(s["path"]).name for s in slides] == ["img3.png", "img17.png", "img40.png"]
     n = sum(s["blocks"] for s in slides)
-    assert 0 < n <= 3 * 40 and all(s["hard_positives"] >= s["blocks"] for s in slides)
-    assert store["images"].shape == (n, 64, 64, 3) and store["masks"].shape == (n, 64, 64)
-    assert store["slide"].shape == (n,) and store["position"].shape == (n, 2)
-    masks = store["masks"][:]
-    assert masks[:, 32, 32].mean() > 0.9  # each block is centred on a confident nucleus
-    assert 0.02 < masks.mean() < 0.5  # other nuclei are drawn too, the rest is background
+    assert 0 < n <= 3 * 40
+    assert store["images"].shape == (n, 64, 64, 3) and store["targets"].shape == (n, 64, 64)
+    assert store["slide"].shape == (n,) and store["position"].shape == (n, 2) and store["centred"].shape == (n,)
+    targets, centred = store["targets"][:], store["centred"][:]
+    assert set(np.unique(targets)) <= {0, 1, 2}
+    assert (targets[centred, 32, 32] == NUCLEUS).all()  # centred blocks sit on a confident, consistent nucleus
+    assert 0.2 < (~centred).mean() < 0.5  # a third at random tissue positions: the new domain's background
+    assert (targets == UNSURE).any()  # unsure candidates exist in real tissue and are kept out of the loss
+    assert 0.02 < (targets == NUCLEUS).mean() < 0.5  # other nuclei are drawn too, the rest is background
+    assert all(s["hard_positives"] >= int(np.sum(centred[store["slide"][:] == i])) for i, s in enumerate(slides))
     provenance = json.loads((tmp_path / "adapted.json").read_text())
     assert provenance["base_model"]["sha256"] == file_sha256(shipped_model)
     assert provenance["adapted_model_sha256"] == file_sha256(out)
+    assert provenance["recipe"] == "consistency" and provenance["adapt_config"]["views"] == 4
     assert provenance["thresholds"] == {"high": 0.8, "low": 0.5} and provenance["blocks"] == n
     assert [c["sha256"] for c in provenance["cohort"]] == [file_sha256(p) for p in cohort]
     assert load_model(out).count_params() == load_model(shipped_model).count_params()
@@ -62,12 +70,64 @@ def test_adapt_mines_a_block_store_fine_tunes_and_records_provenance(tmp_path: P
     assert again.output.count("already mined") == 3
     assert sum(s["blocks"] for s in zarr.open_group(str(work / "blocks.zarr"), mode="r").attrs["slides"]) == n
 
+    other = _adapt(cohort, tmp_path / "paper.keras", work, "--recipe", "paper")  # a store is one recipe's
+    assert other.exit_code != 0 and "holds blocks of the 'consistency' recipe, not 'paper'" in other.output
+
+
+def test_the_paper_recipe_teaches_every_low_threshold_nucleus_and_nothing_else(tmp_path: Path, cohort, shipped_model) -> None:
+    import zarr
+
+    out, work = tmp_path / "paper.keras", tmp_path / "work"
+    result = _adapt(cohort, out, work, "--recipe", "paper")
+    assert result.exit_code == 0, result.output
+    store = zarr.open_group(str(work / "blocks.zarr"), mode="r")
+    targets = store["targets"][:]
+    assert len(targets) and store["centred"][:].all()  # only blocks around hard positives, no random ones
+    assert set(np.unique(targets)) == {0, 1}  # nothing unsure: the paper teaches every pixel
+    assert (targets[:, 32, 32] == 1).mean() > 0.9  # a 0.5 component's centre can sit off its 0.8 core's
+    assert json.loads((tmp_path / "paper.json").read_text())["recipe"] == "paper"
+
+
+def test_consistency_keeps_what_every_view_finds_and_leaves_the_rest_unsure() -> None:
+    """Four synthetic views of a 64 × 64 map: a steady nucleus, one a view misses, a faint one and a trace."""
+    from wsiproc.learn.adapt import AdaptConfig, consistent_labels
+    from wsiproc.detection.postprocess import Postprocess
+
+    yy, xx = np.mgrid[:64, :64]
+
+    def blob(x, y, peak):
+        return peak * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 2.0**2))
+
+    maps = np.stack([blob(12, 12, 0.95) + blob(40, 12, 0.9 if v else 0.1) + blob(12, 44, 0.42) + blob(44, 44, 0.2)
+                     for v in range(4)])
+    labels = consistent_labels(maps, AdaptConfig(), Postprocess("peaks", 0.5, 2, 1.0))
+    np.testing.assert_allclose(labels.hard_xy, [[12, 12]], atol=0.5)  # found by all four views, mean 0.95
+    np.testing.assert_allclose(labels.nuclei_xy, [[12, 12]], atol=0.5)
+    unsure = sorted(map(tuple, np.round(labels.unsure_xy).astype(int)))
+    assert unsure == [(12, 44), (40, 12)]  # missed by a view (mean 0.7); faint (0.42); the 0.2 trace is background
+
+
+def test_unsure_pixels_weigh_nothing_in_the_fine_tuning_loss(tmp_path: Path) -> None:
+    from wsiproc.learn.adapt import NUCLEUS, UNSURE, BlockStore, MinedSlide, StoreSampler
+    from wsiproc.learn.training import TrainConfig
+
+    targets = np.zeros((4, 64, 64), np.uint8)
+    targets[:, 28:36, 28:36] = NUCLEUS
+    targets[:, :8, :8] = UNSURE
+    store = BlockStore(tmp_path / "blocks.zarr", 64)
+    store.add({"path": "a", "sha256": "aa"}, MinedSlide(np.full((4, 64, 64, 3), 128, np.uint8), targets, np.zeros((4, 2)),
+                                                         np.ones(4, bool), 4, 0.1))
+    x, y, w = StoreSampler(store, TrainConfig(batch_size=3)).batch(0, 0)
+    assert x.shape == (3, 64, 64, 3) and y.shape == (3, 64, 64, 1) and w.shape == (3, 64, 64)
+    assert (w == 0).sum() == 3 * 64 and (y[..., 0][w == 0] == 0).all()  # the 8 × 8 corner, wherever flips put it
+    assert y.sum() == 3 * 64 and (w[y[..., 0] == 1] == 1).all()
+
 
 def test_a_half_written_slide_in_the_store_is_dropped_on_resume(tmp_path: Path) -> None:
     from wsiproc.learn.adapt import BlockStore, MinedSlide
 
     store = BlockStore(tmp_path / "blocks.zarr", 64)
-    mined = MinedSlide(np.zeros((5, 64, 64, 3), np.uint8), np.zeros((5, 64, 64), bool), np.zeros((5, 2)), 7, 0.1)
+    mined = MinedSlide(np.zeros((5, 64, 64, 3), np.uint8), np.zeros((5, 64, 64), np.uint8), np.zeros((5, 2)), np.ones(5, bool), 7, 0.1)
     store.add({"path": "a", "sha256": "aa"}, mined)
     store.group["images"].append(np.zeros((3, 64, 64, 3), np.uint8), axis=0)  # killed before the commit
     reopened = BlockStore(tmp_path / "blocks.zarr", 64)

@@ -15,6 +15,9 @@ from .common import merged_options, usage_errors
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The adapted .keras model.")
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Base model (default: the shipped one).")
 @click.option("--mpp", type=float, help="Pixel size in µm/px for inputs that do not store it.")
+@click.option("--recipe", type=click.Choice(["consistency", "paper"]), default="consistency", show_default=True,
+              help="consistency: pseudo-nuclei must survive test-time views, unsure ones are ignored, random tissue "
+                   "blocks teach background; paper: the paper's recipe, for reproduction.")
 @click.option("--high", type=float, default=0.8, show_default=True, help="Threshold for hard positives.")
 @click.option("--low", type=float, default=0.5, show_default=True, help="Threshold for the nuclei drawn into each block's target.")
 @click.option("--max-blocks", type=int, default=20000, show_default=True)
@@ -29,7 +32,7 @@ from .common import merged_options, usage_errors
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="YAML file of adapt parameters (see configs/adapt.yaml); options given on the command line win.")
 @click.pass_context
-def adapt(ctx: click.Context, inputs: tuple[Path, ...], out_path: Path, model_path: Path | None, mpp: float | None, high: float,
+def adapt(ctx: click.Context, inputs: tuple[Path, ...], out_path: Path, model_path: Path | None, mpp: float | None, recipe: str, high: float,
           low: float, max_blocks: int, per_slide_cap: int | None, epochs: int, steps_per_epoch: int | None, lr: float, seed: int,
           work_dir: Path | None, no_tissue_mask: bool, scheduler: str | None, config_file: Path | None) -> None:
     """Adapt a model to a new cohort without annotations: mine confident nuclei, fine-tune on them."""
@@ -38,7 +41,7 @@ def adapt(ctx: click.Context, inputs: tuple[Path, ...], out_path: Path, model_pa
     from ..learn.adapt import AdaptConfig
     from ..learn.adapt import adapt as run_adapt
 
-    options = {"high": ("high", high), "low": ("low", low), "max_blocks": ("max_blocks", max_blocks),
+    options = {"recipe": ("recipe", recipe), "high": ("high", high), "low": ("low", low), "max_blocks": ("max_blocks", max_blocks),
                "per_slide_cap": ("per_slide_cap", per_slide_cap), "epochs": ("epochs", epochs),
                "steps_per_epoch": ("steps_per_epoch", steps_per_epoch), "learning_rate": ("lr", lr), "seed": ("seed", seed)}
     with usage_errors(ValueError, FileNotFoundError):

@@ -1,11 +1,22 @@
-"""Unsupervised domain adaptation over a whole cohort: mine confident nuclei, fine-tune on them (the paper's §UDA).
+"""Unsupervised domain adaptation over a whole cohort: mine pseudo-labelled blocks, fine-tune on them.
 
-For every slide, with the same lazy tiling and tissue mask as `run`: components above the high threshold
-(0.8) are hard positives; around each, a 64 × 64 block at 0.5 µm/px whose target is every low-threshold
-(0.5) detection in the block drawn as a disk of 4 px. Blocks are sampled fairly (a reservoir per slide, so
-a cap takes blocks from all over the slide, not its first tiles) and appended slide by slide to a zarr
-store; the store's attributes say which slides are finished, so a rerun continues where it stopped and
-memory holds at most one slide's reservoir whatever the cohort size.
+Two recipes share the lazy tiling, tissue mask, block store and resume of `run`:
+
+- ``paper`` (the paper's §UDA, kept for reproduction): components above the high threshold (0.8) are hard
+  positives; around each, a 64 × 64 block at 0.5 µm/px whose target is every low-threshold (0.5) component
+  drawn as a disk. Everything else in the block is taught as background.
+- ``consistency`` (default): every tile is predicted under four views (as is, flipped left–right, flipped
+  up–down, turned half way) and the views' maps are averaged. A candidate nucleus (a peak of the averaged map,
+  found with the run's post-processing) becomes a pseudo-nucleus only when its averaged confidence reaches
+  `low` *and* every view finds it; blocks are centred on pseudo-nuclei reaching `high`, plus a share at random
+  tissue positions, so the new domain's background (stroma, debris, pigment) is learnt too. Candidates that
+  are unsure (averaged confidence between `ignore_below` and `low`, or missed by a view) are neither taught as
+  nucleus nor as background: their disk gets weight 0 in the loss. A base model's confident but unstable
+  false positives are thus not reinforced, which is what made the paper's recipe hurt on new labs.
+
+Blocks are sampled fairly (a reservoir per slide and kind, so a cap takes blocks from all over the slide, not
+its first tiles) and appended slide by slide to a zarr store; the store's attributes say which slides are
+finished, so a rerun continues where it stopped and memory holds at most one slide's reservoir.
 """
 from __future__ import annotations
 
@@ -16,13 +27,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from scipy import ndimage
 
 from ..config import RunConfig
 from ..errors import one_line
 from ..detection.inference import Predictor
 from ..io.files import file_sha256
 from ..detection.loop import batched, plan_tiles, read_tile, worker_predictor
-from ..detection.postprocess import find_nuclei
+from ..detection.postprocess import Postprocess, find_nuclei
 from ..io.slide import open_slide
 from ..detection.stitch import owned
 from ..detection.tiling import SlideSampler, halo_tiles
@@ -32,10 +44,20 @@ from .training import TrainConfig, augment_block, draw_targets, flip_turn
 PLAUSIBLE_HARD_PER_MM2 = (50.0, 20000.0)
 
 
+RECIPES = ("consistency", "paper")
+
+#: Block target values in the store: background, nucleus, and "unsure" (weight 0 in the loss).
+BACKGROUND, NUCLEUS, UNSURE = 0, 1, 2
+
+
 @dataclass
 class AdaptConfig:
+    recipe: str = "consistency"  # or "paper" (the paper's §UDA, for reproduction)
     high: float = 0.8
     low: float = 0.5
+    views: int = 4  # consistency: test-time views averaged and required to agree (1..4)
+    ignore_below: float = 0.3  # consistency: candidates from here up to `low` are unsure, not background
+    random_fraction: float = 0.33  # consistency: share of blocks at random tissue positions
     block_px: int = 64
     max_blocks: int = 20000
     per_slide_cap: int | None = None  # None: max_blocks spread evenly over the cohort
@@ -47,8 +69,16 @@ class AdaptConfig:
     disk_radius_px: int = TrainConfig.disk_radius_px  # targets as in training: one disk per nucleus
 
     def validate(self) -> "AdaptConfig":
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)} (got {self.recipe!r})")
         if not 0 < self.low <= self.high < 1:
             raise ValueError(f"thresholds must satisfy 0 < low <= high < 1 (got low {self.low}, high {self.high})")
+        if not 0 < self.ignore_below <= self.low:
+            raise ValueError(f"ignore_below must satisfy 0 < ignore_below <= low (got {self.ignore_below})")
+        if not 1 <= self.views <= len(VIEWS):
+            raise ValueError(f"views must be 1..{len(VIEWS)} (got {self.views})")
+        if not 0 <= self.random_fraction < 1:
+            raise ValueError(f"random_fraction must be in [0, 1) (got {self.random_fraction})")
         if self.block_px % 4 or self.block_px < 16 or self.block_px > 64:
             raise ValueError(f"block_px must be a multiple of 4 in 16..64 (the tile halo is 32 px), got {self.block_px}")
         if self.max_blocks < 1:
@@ -56,89 +86,187 @@ class AdaptConfig:
         return self
 
 
+def _as_is(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+#: Test-time views of a batch (n, y, x[, c]); each is its own inverse, and none needs a square tile.
+VIEWS: tuple[Callable[[np.ndarray], np.ndarray], ...] = (
+    _as_is, lambda a: a[:, :, ::-1], lambda a: a[:, ::-1, :], lambda a: a[:, ::-1, ::-1])
+
+
+def predict_views(predictor: Callable[[np.ndarray], np.ndarray], tiles: np.ndarray, views: int) -> np.ndarray:
+    """Confidence maps (views, n, y, x) of a batch of tiles under the first `views` views, mapped back."""
+    return np.stack([np.ascontiguousarray(view(predictor(np.ascontiguousarray(view(tiles))))) for view in VIEWS[:views]])
+
+
+@dataclass
+class PseudoLabels:
+    """One tile's pseudo-labels, in its pixel-index coordinates (x = column, y = row)."""
+
+    hard_xy: np.ndarray  # (n, 2) block centres: confident nuclei
+    nuclei_xy: np.ndarray  # (m, 2) drawn as disks into every block's target
+    unsure_xy: np.ndarray  # (k, 2) disks of weight 0: neither nucleus nor background
+
+
+def paper_labels(conf: np.ndarray, cfg: AdaptConfig) -> PseudoLabels:
+    """The paper's rule on one map: hard positives above `high`, targets above `low` (components)."""
+    hard, low = find_nuclei(conf, cfg.high), find_nuclei(conf, cfg.low)
+    return PseudoLabels(np.stack([hard.x, hard.y], 1), np.stack([low.x, low.y], 1), np.zeros((0, 2)))
+
+
+def consistent_labels(maps: np.ndarray, cfg: AdaptConfig, post: Postprocess) -> PseudoLabels:
+    """Consistency over confidence: pseudo-nuclei are peaks of the views' mean map that every view also finds.
+
+    A view "finds" a candidate when its own map exceeds `low` within one pixel of the candidate's peak.
+    """
+    mean = maps.mean(axis=0)
+    found = Postprocess(post.method, cfg.ignore_below, post.min_distance_px, post.sigma_px)(mean)
+    xy = np.stack([found.x, found.y], 1)
+    if len(found) == 0:
+        return PseudoLabels(xy, xy, xy)
+    near = ndimage.maximum_filter(maps, size=(1, 3, 3), mode="nearest")  # within one pixel of the peak
+    rows = np.clip(np.round(found.y).astype(int), 0, mean.shape[0] - 1)
+    cols = np.clip(np.round(found.x).astype(int), 0, mean.shape[1] - 1)
+    agree = (near[:, rows, cols] > cfg.low).all(axis=0)
+    nucleus = agree & (found.confidence >= cfg.low)
+    hard = nucleus & (found.confidence >= cfg.high)
+    return PseudoLabels(xy[hard], xy[nucleus], xy[~nucleus])
+
+
+def block_targets(shape_hw: tuple[int, int], labels: PseudoLabels, radius_px: int) -> np.ndarray:
+    """uint8 target of a block: NUCLEUS disks, UNSURE disks (one pixel wider) where no nucleus is, else BACKGROUND."""
+    target = np.full(shape_hw, BACKGROUND, np.uint8)
+    if len(labels.unsure_xy):
+        target[draw_targets(shape_hw, labels.unsure_xy, radius_px=radius_px + 1)] = UNSURE
+    target[draw_targets(shape_hw, labels.nuclei_xy, radius_px=radius_px)] = NUCLEUS
+    return target
+
+
+class _Reservoir:
+    """Algorithm R over a slide's candidate blocks: every candidate equally likely kept, whatever the order."""
+
+    def __init__(self, cap: int, block_px: int, rng: np.random.Generator):
+        self.cap, self.rng, self.seen = cap, rng, 0
+        self.images = np.zeros((cap, block_px, block_px, 3), np.uint8)
+        self.targets = np.zeros((cap, block_px, block_px), np.uint8)
+        self.positions = np.zeros((cap, 2))
+
+    def slot(self) -> int | None:
+        slot = self.seen if self.seen < self.cap else int(self.rng.integers(self.seen + 1))
+        self.seen += 1
+        return slot if slot < self.cap else None
+
+    def kept(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = min(self.seen, self.cap)
+        return self.images[:n], self.targets[:n], self.positions[:n]
+
+
+#: Random block centres drawn per tile (consistency recipe); the reservoir keeps a fair share of them.
+RANDOM_CENTRES_PER_TILE = 8
+
+
 @dataclass
 class MinedSlide:
     images: np.ndarray  # (n, b, b, 3) uint8
-    masks: np.ndarray  # (n, b, b) bool
+    targets: np.ndarray  # (n, b, b) uint8: BACKGROUND, NUCLEUS or UNSURE
     positions: np.ndarray  # (n, 2) block centre x, y at 0.5 µm/px
+    centred: np.ndarray  # (n,) bool: centred on a confident nucleus (else at a random tissue position)
     hard_positives: int
     tissue_mm2: float
     warnings: list[str] = field(default_factory=list)
 
 
 def mine_slide(path: Path, run_cfg: RunConfig, predictor: Predictor, cfg: AdaptConfig, cap: int, seed: int) -> MinedSlide:
-    """Hard-positive blocks of one slide: a uniform reservoir sample of at most `cap` over the whole slide."""
+    """Pseudo-labelled blocks of one slide: a uniform reservoir sample of at most `cap` over the whole slide.
+
+    With the consistency recipe, `random_fraction` of the cap is reserved for blocks at random positions in
+    the cores of tissue tiles, labelled by the same rule.
+    """
     slide = open_slide(path, run_cfg.mpp)
     try:
         sampler = SlideSampler.for_slide(slide, run_cfg.model_mpp)
         grid, tiles, info, _ = plan_tiles(sampler, run_cfg, getattr(predictor, "geometry", None))
         blocks = halo_tiles(sampler, grid)
         rng = np.random.default_rng(seed)
-        half = cfg.block_px // 2
-        b = cfg.block_px
-        images = np.zeros((cap, b, b, 3), np.uint8)
-        masks = np.zeros((cap, b, b), bool)
-        positions = np.zeros((cap, 2))
-        seen = 0
+        b, half = cfg.block_px, cfg.block_px // 2
+        consistency = cfg.recipe == "consistency"
+        n_random = int(round(cap * cfg.random_fraction)) if consistency else 0
+        hard_pool, random_pool = _Reservoir(cap - n_random, b, rng), _Reservoir(n_random, b, rng)
+        post = run_cfg.postprocessor()
+        hard_total = 0
+
+        def take(pool: _Reservoir, img: np.ndarray, labels: PseudoLabels, cx: int, cy: int, origin: tuple[int, int]) -> None:
+            top, left = cy - half, cx - half
+            if top < 0 or left < 0 or top + b > img.shape[0] or left + b > img.shape[1]:
+                return
+            slot = pool.slot()
+            if slot is None:
+                return
+            pool.images[slot] = img[top : top + b, left : left + b]
+            shifted = PseudoLabels(labels.hard_xy, labels.nuclei_xy - [left, top], labels.unsure_xy - [left, top])
+            pool.targets[slot] = block_targets((b, b), shifted, cfg.disk_radius_px)
+            pool.positions[slot] = (cx + origin[1], cy + origin[0])
+
         for batch in batched(tiles, run_cfg.batch_size):
             reads = [(rc, read_tile(blocks, rc, run_cfg.strict, slide.path)[0]) for rc in batch]
             reads = [(rc, img) for rc, img in reads if img is not None]
             if not reads:
                 continue
-            conf = predictor(np.stack([img for _, img in reads]))
-            for ((r, c), img), tile_conf in zip(reads, conf):
-                hard = find_nuclei(tile_conf, cfg.high)
-                low = find_nuclei(tile_conf, cfg.low)
+            stack = np.stack([img for _, img in reads])
+            maps = predict_views(predictor, stack, cfg.views if consistency else 1)
+            for k, ((r, c), img) in enumerate(reads):
+                labels = consistent_labels(maps[:, k], cfg, post) if consistency else paper_labels(maps[0, k], cfg)
                 core = grid.core(r, c)
-                oy, ox = core[0] - grid.halo_px, core[1] - grid.halo_px  # tile image origin on the slide grid
-                low_xy = np.stack([low.x, low.y], axis=1)
-                mine = owned(hard.y + oy, hard.x + ox, core)  # the others belong to a neighbouring tile
-                for hy, hx in zip(hard.y[mine], hard.x[mine]):
-                    cy, cx = int(round(hy)), int(round(hx))
-                    top, left = cy - half, cx - half
-                    if top < 0 or left < 0 or top + b > img.shape[0] or left + b > img.shape[1]:
-                        continue
-                    # Reservoir sampling (Algorithm R): every hard positive of the slide equally likely kept.
-                    slot = seen if seen < cap else int(rng.integers(seen + 1))
-                    seen += 1
-                    if slot >= cap:
-                        continue
-                    images[slot] = img[top : top + b, left : left + b]
-                    masks[slot] = draw_targets((b, b), low_xy - [left, top], radius_px=cfg.disk_radius_px)
-                    positions[slot] = (cx + ox, cy + oy)
-        n = min(seen, cap)
+                origin = (core[0] - grid.halo_px, core[1] - grid.halo_px)  # tile image origin on the slide grid
+                hard = labels.hard_xy[owned(labels.hard_xy[:, 1] + origin[0], labels.hard_xy[:, 0] + origin[1], core)]
+                hard_total += len(hard)  # the others belong to a neighbouring tile
+                for hx, hy in hard:
+                    take(hard_pool, img, labels, int(round(hx)), int(round(hy)), origin)
+                if n_random:
+                    ys = rng.integers(core[0], core[2], RANDOM_CENTRES_PER_TILE) - origin[0]
+                    xs = rng.integers(core[1], core[3], RANDOM_CENTRES_PER_TILE) - origin[1]
+                    for cy, cx in zip(ys, xs):
+                        take(random_pool, img, labels, int(cx), int(cy), origin)
+        images, targets, positions = (np.concatenate(parts) for parts in zip(hard_pool.kept(), random_pool.kept()))
+        centred = np.arange(len(images)) < min(hard_pool.seen, hard_pool.cap)
         mpp = run_cfg.model_mpp
         tissue_mm2 = info.get("tissue_fraction", 1.0) * grid.height_px * grid.width_px * (mpp / 1000) ** 2
         warnings = list(info["warnings"])
-        density = seen / tissue_mm2 if tissue_mm2 > 0 else 0.0
-        if seen == 0:
+        density = hard_total / tissue_mm2 if tissue_mm2 > 0 else 0.0
+        if hard_total == 0:
             warnings.append("no confident nuclei (none above the high threshold): nothing to learn from this slide")
+            images, targets, positions, centred = images[:0], targets[:0], positions[:0], centred[:0]  # background alone teaches nothing safe
         elif not PLAUSIBLE_HARD_PER_MM2[0] <= density <= PLAUSIBLE_HARD_PER_MM2[1]:
             warnings.append(f"implausible number of confident nuclei ({density:.0f} per mm² of tissue): "
                             "is this H&E? its pseudo-labels may teach the model wrong things")
-        return MinedSlide(images[:n], masks[:n], positions[:n], seen, round(tissue_mm2, 4), warnings)
+        return MinedSlide(images, targets, positions, centred, hard_total, round(tissue_mm2, 4), warnings)
     finally:
         slide.close()
 
 
 class BlockStore:
-    """The mined blocks of a cohort in a zarr group: images, masks, slide of origin, position, and progress."""
+    """The mined blocks of a cohort in a zarr group: images, targets, slide of origin, position, and progress."""
 
-    def __init__(self, root: Path, block_px: int):
+    def __init__(self, root: Path, block_px: int, recipe: str = "consistency"):
         import zarr
 
         self.root = Path(root)
         self.group = zarr.open_group(str(self.root), mode="a")
         b = block_px
-        specs = {"images": ((0, b, b, 3), (256, b, b, 3), "uint8"), "masks": ((0, b, b), (256, b, b), "bool"),
-                 "slide": ((0,), (4096,), "int32"), "position": ((0, 2), (4096, 2), "float64")}
+        specs = {"images": ((0, b, b, 3), (256, b, b, 3), "uint8"), "targets": ((0, b, b), (256, b, b), "uint8"),
+                 "slide": ((0,), (4096,), "int32"), "position": ((0, 2), (4096, 2), "float64"),
+                 "centred": ((0,), (4096,), "bool")}
         for name, (shape, chunks, dtype) in specs.items():
             if name not in self.group:
                 self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype)
         if "slides" not in self.group.attrs:
-            self.group.attrs.update({"slides": [], "block_px": b})
+            self.group.attrs.update({"slides": [], "block_px": b, "recipe": recipe})
         if self.group.attrs["block_px"] != b:
             raise ValueError(f"{self.root}: holds {self.group.attrs['block_px']} px blocks, not {b} px; use another --work folder")
+        if self.group.attrs.get("recipe") != recipe:
+            raise ValueError(f"{self.root}: holds blocks of the {self.group.attrs.get('recipe')!r} recipe, not {recipe!r}; "
+                             "use another --work folder")
         # Blocks appended after the last committed slide belong to a slide interrupted mid-append: drop them.
         committed = self.committed_blocks
         for name in specs:
@@ -160,8 +288,8 @@ class BlockStore:
     def add(self, entry: dict, mined: MinedSlide) -> None:
         index = len(self.slides)
         n = len(mined.images)
-        for name, data in (("images", mined.images), ("masks", mined.masks),
-                           ("slide", np.full(n, index, np.int32)), ("position", mined.positions)):
+        for name, data in (("images", mined.images), ("targets", mined.targets),
+                           ("slide", np.full(n, index, np.int32)), ("position", mined.positions), ("centred", mined.centred)):
             if n:
                 self.group[name].append(data, axis=0)
         self.group.attrs["slides"] = [*self.slides, {**entry, "blocks": n}]  # the commit point
@@ -171,7 +299,10 @@ class BlockStore:
 
 
 class StoreSampler:
-    """Seeded training batches from the block store, with the paper's augmentation in thirds."""
+    """Seeded training batches from the block store, with the paper's augmentation in thirds.
+
+    Yields (images, targets, weights): UNSURE pixels get weight 0, so they teach neither way.
+    """
 
     def __init__(self, store: BlockStore, cfg: TrainConfig):
         self.store, self.cfg = store, cfg
@@ -179,18 +310,20 @@ class StoreSampler:
         if self.n == 0:
             raise ValueError("no mined blocks")
 
-    def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.cfg.seed, epoch, index])
         picks = np.sort(rng.integers(0, self.n, self.cfg.batch_size))
         images = self.store.group["images"].get_orthogonal_selection((picks,))
-        masks = self.store.group["masks"].get_orthogonal_selection((picks,))
+        targets = self.store.group["targets"].get_orthogonal_selection((picks,))
         x = np.empty((len(picks), *images.shape[1:]), np.float32)
-        y = np.empty((len(picks), *masks.shape[1:], 1), np.float32)
+        y = np.empty((len(picks), *targets.shape[1:], 1), np.float32)
+        w = np.empty((len(picks), *targets.shape[1:]), np.float32)
         for k in range(len(picks)):
-            block, target = flip_turn(images[k].astype(np.float32) / 255.0, masks[k], rng)
+            block, target = flip_turn(images[k].astype(np.float32) / 255.0, targets[k], rng)
             x[k] = augment_block(block, k % 3, rng, self.cfg)
-            y[k, ..., 0] = target
-        return x, y
+            y[k, ..., 0] = target == NUCLEUS
+            w[k] = target != UNSURE
+        return x, y, w
 
     def default_steps_per_epoch(self) -> int:
         return max(1, -(-self.n // self.cfg.batch_size))
@@ -203,7 +336,7 @@ def adapt(inputs: list[Path], out_path: Path, work_dir: Path, run_cfg: RunConfig
 
     cfg.validate()
     work_dir.mkdir(parents=True, exist_ok=True)
-    store = BlockStore(work_dir / "blocks.zarr", cfg.block_px)
+    store = BlockStore(work_dir / "blocks.zarr", cfg.block_px, cfg.recipe)
     cap = cfg.per_slide_cap or max(1, cfg.max_blocks // max(1, len(inputs)))
     t0 = time.perf_counter()
     todo = []
@@ -219,11 +352,12 @@ def adapt(inputs: list[Path], out_path: Path, work_dir: Path, run_cfg: RunConfig
         room = max(0, cfg.max_blocks - len(store))
         if len(mined.images) > room:
             keep = np.sort(np.random.default_rng([cfg.seed, len(store.slides)]).choice(len(mined.images), room, replace=False))
-            mined = MinedSlide(mined.images[keep], mined.masks[keep], mined.positions[keep], mined.hard_positives,
+            mined = MinedSlide(mined.images[keep], mined.targets[keep], mined.positions[keep], mined.centred[keep], mined.hard_positives,
                                mined.tissue_mm2, mined.warnings)
         store.add({"path": str(path), "sha256": sha, "hard_positives": mined.hard_positives,
                    "tissue_mm2": mined.tissue_mm2, "warnings": mined.warnings}, mined)
-        echo(f"{path}: {mined.hard_positives} confident nuclei, {len(mined.images)} blocks kept")
+        echo(f"{path}: {mined.hard_positives} confident nuclei, {len(mined.images)} blocks kept "
+             f"({int(mined.centred.sum())} centred on one, {int((~mined.centred).sum())} at random tissue positions)")
         for warning in mined.warnings:
             echo(f"{path}: warning: {warning}")
 
@@ -265,6 +399,7 @@ def adapt(inputs: list[Path], out_path: Path, work_dir: Path, run_cfg: RunConfig
         "base_model": {"path": str(predictor.model_path), "sha256": predictor.sha256},
         "adapted_model_sha256": file_sha256(out_path),
         "cohort": [{k: s[k] for k in ("path", "sha256", "hard_positives", "blocks", "tissue_mm2", "warnings")} for s in store.slides],
+        "recipe": cfg.recipe,
         "thresholds": {"high": cfg.high, "low": cfg.low},
         "blocks": len(store),
         "adapt_config": asdict(cfg),

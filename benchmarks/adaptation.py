@@ -1,0 +1,124 @@
+"""Does adaptation pay off on a domain the model never saw? Base F1 → adapted F1 per recipe, plus drift elsewhere.
+
+    # leave-one-out bases (trained without the target; see benchmarks/train_domains.py --domains)
+    python benchmarks/adaptation.py --target crc  --base runs/loo/colorectal/model.keras --recipes paper,consistency
+    python benchmarks/adaptation.py --target brca --base runs/loo/breast/model.keras --recipes paper,consistency
+    # "just in case": adapting the shipped model on one of its own training domains must not hurt it
+    python benchmarks/adaptation.py --target crc --base default --recipes consistency
+
+Protocol (issue 13): the cohort is the target domain's training part (`wsiproc.datasets`, labels unused), adapted
+with `wsiproc.learn.adapt.adapt` exactly as `wsiproc adapt` does; every domain's held-out part is then scored with the
+run defaults (peaks, threshold 0.5; 5 µm one-to-one matching, micro-average), for the base and each adapted model.
+The other domains' rows are the drift. Per-image tables go to `--out`, with a markdown summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from accuracy import evaluate_model  # noqa: E402
+
+from wsiproc.learn import datasets  # noqa: E402
+from wsiproc.learn.adapt import AdaptConfig, adapt  # noqa: E402
+from wsiproc.config import RunConfig  # noqa: E402
+from wsiproc.evaluate.scoring import Score  # noqa: E402
+
+
+def cohort_of(target: str, data: Path) -> tuple[list[Path], float]:
+    """The target domain's training images (their annotations stay unused) and their common pixel size."""
+    images = datasets.domain(target, data, "train")
+    mpps = {im.mpp for im in images}
+    if len(mpps) != 1:
+        raise SystemExit(f"{target}: images of several pixel sizes {sorted(mpps)}; adapt takes one --mpp")
+    return [im.path for im in images], mpps.pop()
+
+
+def row(score: Score) -> str:
+    return f"{score.precision:.3f} / {score.recall:.3f} / **{score.f1:.3f}**"
+
+
+def summary(target: str, base_label: str, results: dict[str, dict[str, Score]]) -> str:
+    """Markdown: one row per domain, base then each recipe with its F1 change."""
+    labels = list(results)
+    lines = [f"| domain ({target} is the target) | " + " | ".join(f"{label} P / R / F1" for label in labels) + " |",
+             "|" + "---|" * (len(labels) + 1)]
+    for dom in results[base_label]:
+        base_f1 = results[base_label][dom].f1
+        cells = []
+        for label in labels:
+            s = results[label][dom]
+            cells.append(row(s) + ("" if label == base_label else f" ({s.f1 - base_f1:+.3f})"))
+        lines.append(f"| {dom}{' (target)' if dom == target else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", required=True, choices=list(datasets.DOMAINS))
+    ap.add_argument("--base", required=True, help="a shipped model name or a .keras path (trained without the target)")
+    ap.add_argument("--recipes", default="paper,consistency")
+    ap.add_argument("--data", type=Path, default=Path("../shared/data"))
+    ap.add_argument("--domains", default=",".join(datasets.DOMAINS), help="domains scored (the target and the drift)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="AdaptConfig field for every recipe (repeatable), e.g. --set steps_per_epoch=300")
+    ap.add_argument("--engine", default="tensorflow")
+    ap.add_argument("--precision", default="float32")
+    ap.add_argument("--work", type=Path, default=Path("runs/adaptation"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/adaptation"))
+    ap.add_argument("--label", default=None, help="name of this experiment in the output files (default: target_base)")
+    args = ap.parse_args()
+    from wsiproc.detection.inference import Predictor
+    from wsiproc.detection.model import resolve_model_path
+
+    base_path = resolve_model_path(args.base)
+    label = args.label or f"{args.target}_{Path(args.base).parent.name if args.base.endswith('.keras') else args.base}"
+    overrides = {}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        overrides[key] = json.loads(value)
+    paths, mpp = cohort_of(args.target, args.data)
+    domains = args.domains.split(",")
+    csv_dir = args.out / label
+    csv_dir.mkdir(parents=True, exist_ok=True)
+    score_cfg = RunConfig(tissue_mask=False)  # annotated crops are tissue throughout
+
+    def score(name: str, model: Path) -> dict[str, Score]:
+        t0 = time.perf_counter()
+        predictor = Predictor(model, engine=args.engine, precision=args.precision)
+        rows = evaluate_model(name, predictor, score_cfg, args.data, domains, 5.0, csv_dir, False)
+        print(f"{name}: " + ", ".join(f"{d} {s.f1:.3f}" for d, s in rows.items()) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+        return rows
+
+    results = {"base": score("base", base_path)}
+    provenance = {}
+    for recipe in args.recipes.split(","):
+        cfg = AdaptConfig(recipe=recipe, **overrides).validate()
+        out_model = args.work / label / f"{recipe}.keras"
+        out_model.parent.mkdir(parents=True, exist_ok=True)
+        run_cfg = RunConfig(model_path=str(base_path), mpp=mpp, engine=args.engine, precision=args.precision).validate()
+        t0 = time.perf_counter()
+        prov = adapt(paths, out_model, args.work / label / f"{recipe}_work", run_cfg, cfg,
+                     Predictor(base_path, engine=args.engine, precision=args.precision), echo=lambda line: None)
+        print(f"{recipe}: {prov['blocks']} blocks from {len(paths)} images, mined in {prov['mining_s']} s, "
+              f"fine-tuned in {prov['fine_tune_s']} s ({time.perf_counter() - t0:.0f} s)", flush=True)
+        provenance[recipe] = {k: prov[k] for k in ("blocks", "mining_s", "fine_tune_s", "adapt_config", "recipe")}
+        results[recipe] = score(recipe, out_model)
+
+    table = summary(args.target, "base", results)
+    text = (f"# Adaptation on {args.target}: base {base_path}\n\nCohort: {len(paths)} {args.target} training images at "
+            f"{mpp} µm/px, labels unused. Scored: held-out parts, run defaults, 5 µm, micro-average.\n"
+            f"Engine {args.engine} {args.precision}. Overrides: {overrides or 'none'}.\n\n{table}\n")
+    (args.out / f"{label}.md").write_text(text)
+    (args.out / f"{label}.json").write_text(json.dumps({"base": str(base_path), "provenance": provenance, "f1": {
+        name: {d: round(s.f1, 4) for d, s in rows.items()} for name, rows in results.items()}}, indent=1))
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
