@@ -30,6 +30,16 @@ from wsiproc.config import RunConfig  # noqa: E402
 from wsiproc.evaluate.scoring import Score  # noqa: E402
 
 
+#: Recipes and the variants measured for issue 13: name → AdaptConfig fields.
+VARIANTS = {
+    "paper": {"recipe": "paper"},
+    "consistency": {"recipe": "consistency"},
+    "calibrate": {"recipe": "calibrate"},  # colour alignment + threshold only, no fine-tuning
+    "consistency-random": {"recipe": "consistency", "random_fraction": 1.0},  # blocks at random positions only
+    "consistency-noalign": {"recipe": "consistency", "align": False},
+}
+
+
 def cohort_of(target: str, data: Path) -> tuple[list[Path], float]:
     """The target domain's training images (their annotations stay unused) and their common pixel size."""
     images = datasets.domain(target, data, "train")
@@ -62,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", required=True, choices=list(datasets.DOMAINS))
     ap.add_argument("--base", required=True, help="a shipped model name or a .keras path (trained without the target)")
-    ap.add_argument("--recipes", default="paper,consistency")
+    ap.add_argument("--recipes", default="paper,consistency", help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--domains", default=",".join(datasets.DOMAINS), help="domains scored (the target and the drift)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -98,7 +108,7 @@ def main() -> None:
     results = {"base": score("base", base_path)}
     provenance = {}
     for recipe in args.recipes.split(","):
-        cfg = AdaptConfig(recipe=recipe, **overrides).validate()
+        cfg = AdaptConfig(**{**VARIANTS[recipe], **overrides}).validate()
         out_model = args.work / label / f"{recipe}.keras"
         out_model.parent.mkdir(parents=True, exist_ok=True)
         run_cfg = RunConfig(model_path=str(base_path), mpp=mpp, engine=args.engine, precision=args.precision).validate()
@@ -107,7 +117,10 @@ def main() -> None:
                      Predictor(base_path, engine=args.engine, precision=args.precision), echo=lambda line: None)
         print(f"{recipe}: {prov['blocks']} blocks from {len(paths)} images, mined in {prov['mining_s']} s, "
               f"fine-tuned in {prov['fine_tune_s']} s ({time.perf_counter() - t0:.0f} s)", flush=True)
-        provenance[recipe] = {k: prov[k] for k in ("blocks", "mining_s", "fine_tune_s", "adapt_config", "recipe")}
+        provenance[recipe] = {k: prov[k] for k in ("blocks", "mining_s", "fine_tune_s", "adapt_config", "recipe", "calibration")}
+        if prov["calibration"]:
+            print(f"{recipe}: calibration threshold {prov['calibration']['threshold']}, cohort share "
+                  f"{prov['calibration']['cohort_confident_share']} vs {prov['calibration']['reference_share_range']}", flush=True)
         results[recipe] = score(recipe, out_model)
 
     table = summary(args.target, "base", results)

@@ -40,7 +40,7 @@ def test_adapt_mines_a_block_store_fine_tunes_and_records_provenance(tmp_path: P
     from wsiproc.learn.adapt import NUCLEUS, UNSURE
 
     out, work = tmp_path / "adapted.keras", tmp_path / "work"
-    result = _adapt(cohort, out, work)  # the default recipe: consistency
+    result = _adapt(cohort, out, work, "--recipe", "consistency")
     assert result.exit_code == 0, result.output
     store = zarr.open_group(str(work / "blocks.zarr"), mode="r")
     slides = store.attrs["slides"]
@@ -61,13 +61,14 @@ def test_adapt_mines_a_block_store_fine_tunes_and_records_provenance(tmp_path: P
     assert provenance["base_model"]["sha256"] == file_sha256(shipped_model)
     assert provenance["adapted_model_sha256"] == file_sha256(out)
     assert provenance["recipe"] == "consistency" and provenance["adapt_config"]["views"] == 4
+    assert provenance["calibration"]["tiles"] == 3  # calibrated first: one tile per crop
     assert provenance["thresholds"] == {"high": 0.8, "low": 0.5} and provenance["blocks"] == n
     assert [c["sha256"] for c in provenance["cohort"]] == [file_sha256(p) for p in cohort]
     assert load_model(out).count_params() == load_model(shipped_model).count_params()
 
-    again = _adapt(cohort, tmp_path / "again.keras", work)  # same work folder: resumes, mines nothing anew
+    again = _adapt(cohort, tmp_path / "again.keras", work, "--recipe", "consistency")  # same work folder: resumes
     assert again.exit_code == 0, again.output
-    assert again.output.count("already mined") == 3
+    assert again.output.count("already mined") == 3 and "cohort calibration already done" in again.output
     assert sum(s["blocks"] for s in zarr.open_group(str(work / "blocks.zarr"), mode="r").attrs["slides"]) == n
 
     other = _adapt(cohort, tmp_path / "paper.keras", work, "--recipe", "paper")  # a store is one recipe's
@@ -140,8 +141,20 @@ def test_adapt_refuses_a_cohort_without_confident_nuclei(tmp_path: Path, shipped
 
     blank = tmp_path / "blank.png"
     Image.new("RGB", (256, 256), (250, 250, 250)).save(blank)
-    result = _adapt([blank], tmp_path / "a.keras", tmp_path / "work", "--no-tissue-mask")
+    result = _adapt([blank], tmp_path / "a.keras", tmp_path / "work", "--no-tissue-mask", "--recipe", "consistency")
     assert result.exit_code == 1
+    assert "cohort calibration skipped: 0 tissue pixels in the sampled tiles" in result.output
     assert "no confident nuclei were found in any slide of the cohort" in result.output
     assert "no confident nuclei (none above the high threshold)" in result.output
+    assert not (tmp_path / "a.keras").exists()
+
+
+def test_calibrate_only_refuses_a_cohort_without_tissue(tmp_path: Path, shipped_model) -> None:
+    from PIL import Image
+
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (256, 256), (250, 250, 250)).save(blank)
+    result = _adapt([blank], tmp_path / "a.keras", tmp_path / "work", "--no-tissue-mask")  # default recipe: calibrate
+    assert result.exit_code == 1
+    assert "nothing to adapt: calibration needs the base model's reference statistics" in result.output
     assert not (tmp_path / "a.keras").exists()

@@ -15,9 +15,12 @@ from .common import merged_options, usage_errors
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The adapted .keras model.")
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Base model (default: the shipped one).")
 @click.option("--mpp", type=float, help="Pixel size in µm/px for inputs that do not store it.")
-@click.option("--recipe", type=click.Choice(["consistency", "paper"]), default="consistency", show_default=True,
-              help="consistency: pseudo-nuclei must survive test-time views, unsure ones are ignored, random tissue "
-                   "blocks teach background; paper: the paper's recipe, for reproduction.")
+@click.option("--recipe", type=click.Choice(["calibrate", "consistency", "paper"]), default="calibrate", show_default=True,
+              help="calibrate: align the cohort's colours and re-calibrate confidences to the model's training data, "
+                   "folded into the weights; consistency: calibrate, then fine-tune on pseudo-nuclei that survive "
+                   "test-time views; paper: the paper's recipe, for reproduction.")
+@click.option("--reference", "reference_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The base model's training statistics (default: <model>.reference.json beside it).")
 @click.option("--high", type=float, default=0.8, show_default=True, help="Threshold for hard positives.")
 @click.option("--low", type=float, default=0.5, show_default=True, help="Threshold for the nuclei drawn into each block's target.")
 @click.option("--max-blocks", type=int, default=20000, show_default=True)
@@ -32,14 +35,17 @@ from .common import merged_options, usage_errors
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="YAML file of adapt parameters (see configs/adapt.yaml); options given on the command line win.")
 @click.pass_context
-def adapt(ctx: click.Context, inputs: tuple[Path, ...], out_path: Path, model_path: Path | None, mpp: float | None, recipe: str, high: float,
+def adapt(ctx: click.Context, inputs: tuple[Path, ...], out_path: Path, model_path: Path | None, mpp: float | None, recipe: str,
+          reference_path: Path | None, high: float,
           low: float, max_blocks: int, per_slide_cap: int | None, epochs: int, steps_per_epoch: int | None, lr: float, seed: int,
           work_dir: Path | None, no_tissue_mask: bool, scheduler: str | None, config_file: Path | None) -> None:
-    """Adapt a model to a new cohort without annotations: mine confident nuclei, fine-tune on them."""
+    """Adapt a model to a new cohort without annotations: calibrate it to the cohort (and, with --recipe consistency
+    or paper, fine-tune it on mined pseudo-labels)."""
     from ..cohort.cluster import dask_client
     from ..detection.inference import Predictor
     from ..learn.adapt import AdaptConfig
     from ..learn.adapt import adapt as run_adapt
+    from ..learn.calibrate import Reference
 
     options = {"recipe": ("recipe", recipe), "high": ("high", high), "low": ("low", low), "max_blocks": ("max_blocks", max_blocks),
                "per_slide_cap": ("per_slide_cap", per_slide_cap), "epochs": ("epochs", epochs),
@@ -49,13 +55,15 @@ def adapt(ctx: click.Context, inputs: tuple[Path, ...], out_path: Path, model_pa
         cfg.validate()
         run_cfg = RunConfig(model_path=str(model_path) if model_path else None, mpp=mpp, tissue_mask=not no_tissue_mask).validate()
         predictor = Predictor(run_cfg.model_path)
+        reference = Reference.load(reference_path) if reference_path else None
     work = work_dir or out_path.with_name(out_path.stem + "_work")
     try:
         with dask_client(scheduler) as client:
             provenance = run_adapt(list(inputs), out_path, work, run_cfg, cfg, predictor,
-                                   echo=lambda line: click.echo(line, err=True), client=client)
+                                   echo=lambda line: click.echo(line, err=True), client=client, reference=reference)
     except ValueError as exc:  # nothing to adapt on (no positives, unreadable cohort): the run's own failure
         raise WsiprocError(f"error: {exc}") from exc
-    click.echo(f"saved {out_path} (fine-tuned on {provenance['blocks']} blocks from {len(provenance['cohort'])} slides); "
-               f"provenance in {out_path.with_suffix('.json')}")
+    how = (f"fine-tuned on {provenance['blocks']} blocks" if provenance["training"] else "calibrated") + \
+        f" from {len(provenance['cohort'])} slides"
+    click.echo(f"saved {out_path} ({how}); provenance in {out_path.with_suffix('.json')}")
 

@@ -1,25 +1,27 @@
-"""Unsupervised domain adaptation over a whole cohort: mine pseudo-labelled blocks, fine-tune on them.
+"""Unsupervised domain adaptation over a whole cohort: calibrate the model to it, optionally fine-tune on pseudo-labels.
 
-Two recipes share the lazy tiling, tissue mask, block store and resume of `run`:
+Three recipes share the lazy tiling, tissue mask and resume of `run`:
 
+- ``calibrate`` (default): colour alignment and confidence re-calibration to the cohort, folded into the
+  weights (`wsiproc.learn.calibrate`); no fine-tuning. The one that measurably helped (benchmarks/adaptation.py).
+- ``consistency``: calibrate, then mine pseudo-labelled blocks and fine-tune on them. Every tile is predicted
+  under four views (as is, flipped left–right, flipped up–down, turned half way) and the views' maps are
+  averaged. A candidate nucleus (a peak of the averaged map, found with the run's post-processing) becomes a
+  pseudo-nucleus only when its averaged confidence reaches `low` *and* every view finds it; blocks are centred
+  on pseudo-nuclei reaching `high`, plus a share at random tissue positions, so the new domain's background
+  (stroma, debris, pigment) is learnt too. Unsure candidates (averaged confidence between `ignore_below` and
+  `low`, or missed by a view) are neither taught as nucleus nor as background: their disk weighs 0 in the loss.
 - ``paper`` (the paper's §UDA, kept for reproduction): components above the high threshold (0.8) are hard
   positives; around each, a 64 × 64 block at 0.5 µm/px whose target is every low-threshold (0.5) component
-  drawn as a disk. Everything else in the block is taught as background.
-- ``consistency`` (default): every tile is predicted under four views (as is, flipped left–right, flipped
-  up–down, turned half way) and the views' maps are averaged. A candidate nucleus (a peak of the averaged map,
-  found with the run's post-processing) becomes a pseudo-nucleus only when its averaged confidence reaches
-  `low` *and* every view finds it; blocks are centred on pseudo-nuclei reaching `high`, plus a share at random
-  tissue positions, so the new domain's background (stroma, debris, pigment) is learnt too. Candidates that
-  are unsure (averaged confidence between `ignore_below` and `low`, or missed by a view) are neither taught as
-  nucleus nor as background: their disk gets weight 0 in the loss. A base model's confident but unstable
-  false positives are thus not reinforced, which is what made the paper's recipe hurt on new labs.
+  drawn as a disk. Everything else in the block is taught as background. No calibration.
 
-Blocks are sampled fairly (a reservoir per slide and kind, so a cap takes blocks from all over the slide, not
-its first tiles) and appended slide by slide to a zarr store; the store's attributes say which slides are
+Mined blocks are sampled fairly (a reservoir per slide and kind, so a cap takes blocks from all over the slide,
+not its first tiles) and appended slide by slide to a zarr store; the store's attributes say which slides are
 finished, so a rerun continues where it stopped and memory holds at most one slide's reservoir.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +37,8 @@ from ..detection.inference import Predictor
 from ..io.files import file_sha256
 from ..detection.loop import batched, plan_tiles, read_tile, worker_predictor
 from ..detection.postprocess import Postprocess, find_nuclei
+from .calibrate import (PEAK_FLOOR, Calibration, ColourStats, Reference, colour_transform, fold_calibration,
+                        recalibrated_threshold, sample_tiles, share_reaching)
 from ..io.slide import open_slide
 from ..detection.stitch import owned
 from ..detection.tiling import SlideSampler, halo_tiles
@@ -44,7 +48,7 @@ from .training import TrainConfig, augment_block, draw_targets, flip_turn
 PLAUSIBLE_HARD_PER_MM2 = (50.0, 20000.0)
 
 
-RECIPES = ("consistency", "paper")
+RECIPES = ("calibrate", "consistency", "paper")
 
 #: Block target values in the store: background, nucleus, and "unsure" (weight 0 in the loss).
 BACKGROUND, NUCLEUS, UNSURE = 0, 1, 2
@@ -52,7 +56,9 @@ BACKGROUND, NUCLEUS, UNSURE = 0, 1, 2
 
 @dataclass
 class AdaptConfig:
-    recipe: str = "consistency"  # or "paper" (the paper's §UDA, for reproduction)
+    recipe: str = "calibrate"  # calibrate | consistency (calibrate, then pseudo-label fine-tuning) | paper (§UDA)
+    align: bool = True  # consistency: colour alignment and confidence re-calibration first (wsiproc.learn.calibrate)
+    calibration_tiles: int = 8  # tiles per slide sampled for the cohort's colour and confidence statistics
     high: float = 0.8
     low: float = 0.5
     views: int = 4  # consistency: test-time views averaged and required to agree (1..4)
@@ -77,13 +83,26 @@ class AdaptConfig:
             raise ValueError(f"ignore_below must satisfy 0 < ignore_below <= low (got {self.ignore_below})")
         if not 1 <= self.views <= len(VIEWS):
             raise ValueError(f"views must be 1..{len(VIEWS)} (got {self.views})")
-        if not 0 <= self.random_fraction < 1:
-            raise ValueError(f"random_fraction must be in [0, 1) (got {self.random_fraction})")
+        if not 0 <= self.random_fraction <= 1:
+            raise ValueError(f"random_fraction must be in [0, 1] (got {self.random_fraction})")
         if self.block_px % 4 or self.block_px < 16 or self.block_px > 64:
             raise ValueError(f"block_px must be a multiple of 4 in 16..64 (the tile halo is 32 px), got {self.block_px}")
         if self.max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1 (got {self.max_blocks})")
+        if self.calibration_tiles < 1:
+            raise ValueError(f"calibration_tiles must be >= 1 (got {self.calibration_tiles})")
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0 (0: calibration only, no fine-tuning; got {self.epochs})")
         return self
+
+    @property
+    def aligns(self) -> bool:
+        """The paper's recipe stays the paper's: no calibration before it."""
+        return self.recipe == "calibrate" or (self.align and self.recipe != "paper")
+
+    @property
+    def fine_tunes(self) -> bool:
+        return self.recipe != "calibrate" and self.epochs > 0
 
 
 def _as_is(a: np.ndarray) -> np.ndarray:
@@ -245,6 +264,103 @@ def mine_slide(path: Path, run_cfg: RunConfig, predictor: Predictor, cfg: AdaptC
         slide.close()
 
 
+def _sampled_tiles(path: Path, run_cfg: RunConfig, geometry, k: int, seed: int):
+    """(grid, (row, col), tile image) for up to `k` random tissue tiles of a slide; the slide is closed after."""
+    slide = open_slide(path, run_cfg.mpp)
+    try:
+        sampler = SlideSampler.for_slide(slide, run_cfg.model_mpp)
+        grid, tiles, _, _ = plan_tiles(sampler, run_cfg, geometry)
+        blocks = halo_tiles(sampler, grid)
+        for index in sample_tiles(len(tiles), k, seed):
+            img = read_tile(blocks, tiles[index], run_cfg.strict, slide.path)[0]
+            if img is not None:
+                yield grid, tiles[index], img
+    finally:
+        slide.close()
+
+
+def _peaks_of_tiles(path: Path, run_cfg: RunConfig, predictor: Predictor, k: int, seed: int) -> tuple[np.ndarray, int]:
+    """Confidences of the candidate peaks (>= PEAK_FLOOR) owned by up to `k` random tissue tiles of a slide, and
+    how many tiles that was."""
+    rule = run_cfg.postprocessor()
+    rule = Postprocess(rule.method, PEAK_FLOOR, rule.min_distance_px, rule.sigma_px)
+    peaks = [np.zeros(0, np.float32)]
+    for grid, (r, col), img in _sampled_tiles(path, run_cfg, getattr(predictor, "geometry", None), k, seed):
+        found = rule(predictor(img[None])[0])
+        core = grid.core(r, col)
+        peaks.append(found.confidence[owned(found.y + core[0] - grid.halo_px, found.x + core[1] - grid.halo_px, core)])
+    return np.concatenate(peaks), len(peaks) - 1
+
+
+def measure_reference(domains: dict[str, tuple[list[Path], float]], predictor: Predictor, run_cfg: RunConfig,
+                      tiles_per_image: int = 64, seed: int = 0) -> Reference:
+    """A model's `Reference` from its training domains ({name: (image paths, µm/px)}): what calibration aims at."""
+    colour, shares = ColourStats(), {}
+    for name, (paths, mpp) in domains.items():
+        cfg = dataclasses.replace(run_cfg, mpp=mpp)
+        peaks = []
+        for i, path in enumerate(paths):
+            for _, _, img in _sampled_tiles(path, cfg, getattr(predictor, "geometry", None), tiles_per_image, seed + i):
+                colour.add(img)
+            peaks.append(_peaks_of_tiles(path, cfg, predictor, tiles_per_image, seed + i)[0])
+        shares[name] = round(share_reaching(np.concatenate(peaks)), 4)
+    return Reference(colour.mean.round(6).tolist(), colour.cov.round(8).tolist(), shares, str(predictor.model_path))
+
+
+#: Fewer tissue pixels than this in a cohort's sampled tiles make its colour moments meaningless.
+MIN_TISSUE_PIXELS = 1000
+
+
+def calibrate_cohort(inputs: list[Path], run_cfg: RunConfig, predictor: Predictor, reference: Reference, cfg: AdaptConfig,
+                     work_dir: Path, echo: Callable[[str], None] = print) -> tuple[Calibration, Path] | None:
+    """Colour alignment and confidence re-calibration of the base model for this cohort (`wsiproc.learn.calibrate`).
+
+    Two passes over the same `calibration_tiles` random tissue tiles per slide: their colour moments give the
+    colour transform; the colour-aligned model's candidate peaks on them give the threshold. The result is
+    `work_dir/aligned.keras` and `calibration.json` (reused on a rerun); None, with a line saying why, when the
+    sampled tiles hold too little tissue to judge colours by.
+    """
+    from ..detection.model import load_model, save_model
+
+    record, aligned = work_dir / "calibration.json", work_dir / "aligned.keras"
+    if record.is_file() and aligned.is_file():
+        echo(f"{aligned}: cohort calibration already done; reused")
+        return Calibration(**json.loads(record.read_text())), aligned
+    geometry = getattr(predictor, "geometry", None)
+    seeds = [cfg.seed * 100003 + i for i in range(len(inputs))]
+    colour, readable = ColourStats(), []
+    for path, seed in zip(inputs, seeds):
+        try:
+            for _, _, img in _sampled_tiles(path, run_cfg, geometry, cfg.calibration_tiles, seed):
+                colour.add(img)
+            readable.append((path, seed))
+        except Exception as exc:  # one bad slide must not stop the cohort; mining will name it again
+            echo(one_line(exc, path))
+    if colour.n < MIN_TISSUE_PIXELS:
+        echo(f"cohort calibration skipped: {colour.n} tissue pixels in the sampled tiles (fewer than {MIN_TISSUE_PIXELS})")
+        return None
+    a, c = colour_transform(colour, reference)
+    model = load_model(predictor.model_path)
+    fold_calibration(model, a, c, 0.5)
+    save_model(model, work_dir / "aligned_colour.keras")
+    coloured = Predictor(work_dir / "aligned_colour.keras", precision=run_cfg.precision, engine=run_cfg.engine)
+    per_slide = [_peaks_of_tiles(path, run_cfg, coloured, cfg.calibration_tiles, seed) for path, seed in readable]
+    peaks = np.concatenate([p for p, _ in per_slide] or [np.zeros(0)])
+    n_tiles = sum(n for _, n in per_slide)
+    threshold, share = recalibrated_threshold(peaks, reference)
+    fold_calibration(model, np.eye(3), np.zeros(3), threshold)
+    save_model(model, aligned)
+    calibration = Calibration(a.tolist(), c.tolist(), colour.mean.tolist(), colour.n, round(threshold, 4),
+                              round(share, 4), reference.share_range, n_tiles, int((peaks >= PEAK_FLOOR).sum()))
+    from ..io.files import atomic_write_text
+
+    atomic_write_text(record, json.dumps(asdict(calibration), indent=1))
+    echo(f"cohort calibration: colour aligned to the model's training images ({colour.n} tissue pixels from {n_tiles} tiles); "
+         f"{share:.0%} of candidate peaks reach 0.5 (training domains: {reference.share_range[0]:.0%}–{reference.share_range[1]:.0%}) "
+         f"-> threshold {threshold:.2f} folded into the model")
+    return calibration, aligned
+
+
 class BlockStore:
     """The mined blocks of a cohort in a zarr group: images, targets, slide of origin, position, and progress."""
 
@@ -330,12 +446,83 @@ class StoreSampler:
 
 
 def adapt(inputs: list[Path], out_path: Path, work_dir: Path, run_cfg: RunConfig, cfg: AdaptConfig,
-          predictor: Predictor, echo: Callable[[str], None] = print, client=None) -> dict:
-    """Mine the cohort (resuming), fine-tune the base model on the blocks, save it with its provenance."""
-    from .training import train
+          predictor: Predictor, echo: Callable[[str], None] = print, client=None, reference: Reference | None = None) -> dict:
+    """Calibrate to the cohort; then (consistency, paper) mine it, resuming, and fine-tune; save with provenance.
 
+    `reference`: the base model's training statistics; by default `<model>.reference.json` beside it. Without
+    one the calibration is skipped, with a line saying so (and `calibrate` has nothing to do: an error).
+    `epochs=0` stops after the calibration whatever the recipe.
+    """
     cfg.validate()
     work_dir.mkdir(parents=True, exist_ok=True)
+    base, calibration, t_cal = predictor, None, time.perf_counter()
+    if cfg.aligns:
+        if reference is None and Reference.beside(base.model_path).is_file():
+            reference = Reference.load(Reference.beside(base.model_path))
+        if reference is None:
+            echo(f"{base.model_path}: no {Reference.beside(base.model_path).name} beside the model: colours and "
+                 "confidences are not calibrated to the cohort")
+        else:
+            calibrated = calibrate_cohort(inputs, run_cfg, base, reference, cfg, work_dir, echo)
+            if calibrated is not None:
+                calibration, aligned = calibrated
+                predictor = Predictor(aligned, precision=run_cfg.precision, engine=run_cfg.engine)
+    calibration_s = time.perf_counter() - t_cal
+    if not cfg.fine_tunes:
+        if calibration is None:
+            raise ValueError("nothing to adapt: calibration needs the base model's reference statistics "
+                             f"({Reference.beside(base.model_path).name}, or --reference) and a cohort with tissue")
+        from ..detection.model import load_model, save_model
+
+        save_model(load_model(predictor.model_path), out_path)
+        cohort = [{"path": str(p), "sha256": file_sha256(p)} for p in inputs]
+        return _write_provenance(out_path, base, cfg, run_cfg, calibration, calibration_s, cohort)
+    store, mining_s = _mine_cohort(inputs, run_cfg, cfg, predictor, work_dir, echo, client)
+    if len(store) == 0:
+        raise ValueError("no confident nuclei were found in any slide of the cohort: nothing to adapt on "
+                         "(is the cohort H&E? is the base model right for it?)")
+    from .training import train
+
+    train_cfg = TrainConfig(block_px=cfg.block_px, batch_size=cfg.batch_size, epochs=cfg.epochs,
+                            steps_per_epoch=cfg.steps_per_epoch, learning_rate=cfg.learning_rate, seed=cfg.seed,
+                            disk_radius_px=cfg.disk_radius_px)
+    t1 = time.perf_counter()
+    state = train(StoreSampler(store, train_cfg), out_path, train_cfg, checkpoint_dir=work_dir / "checkpoints",
+                  init_model=predictor.model_path, verbose=2)
+    cohort = [{k: s[k] for k in ("path", "sha256", "hard_positives", "blocks", "tissue_mm2", "warnings")} for s in store.slides]
+    return _write_provenance(out_path, base, cfg, run_cfg, calibration, calibration_s, cohort, {
+        "blocks": len(store),
+        "training": {"epochs": state["epoch"], "history": state["history"], "seconds": round(state["seconds"], 1)},
+        "mining_s": round(mining_s, 1),
+        "fine_tune_s": round(time.perf_counter() - t1, 1),
+    })
+
+
+def _write_provenance(out_path: Path, base: Predictor, cfg: AdaptConfig, run_cfg: RunConfig, calibration: Calibration | None,
+                      calibration_s: float, cohort: list[dict], fine_tuning: dict | None = None) -> dict:
+    """`<out>.json` beside the adapted model: base, cohort, recipe and every parameter, what calibration did."""
+    from ..io.files import atomic_write_text
+
+    provenance = {
+        "base_model": {"path": str(base.model_path), "sha256": base.sha256},
+        "adapted_model_sha256": file_sha256(out_path),
+        "cohort": cohort,
+        "recipe": cfg.recipe,
+        "thresholds": {"high": cfg.high, "low": cfg.low},
+        "calibration": asdict(calibration) if calibration else None,
+        "calibration_s": round(calibration_s, 1),
+        "adapt_config": asdict(cfg),
+        "run_config": run_cfg.to_dict(),
+        "blocks": 0, "training": None, "mining_s": 0.0, "fine_tune_s": 0.0,
+        **(fine_tuning or {}),
+    }
+    atomic_write_text(out_path.with_suffix(".json"), json.dumps(provenance, indent=2, sort_keys=True))
+    return provenance
+
+
+def _mine_cohort(inputs: list[Path], run_cfg: RunConfig, cfg: AdaptConfig, predictor: Predictor, work_dir: Path,
+                 echo: Callable[[str], None], client) -> tuple["BlockStore", float]:
+    """Every slide not yet in the block store, mined and appended (one bad slide is named and skipped)."""
     store = BlockStore(work_dir / "blocks.zarr", cfg.block_px, cfg.recipe)
     cap = cfg.per_slide_cap or max(1, cfg.max_blocks // max(1, len(inputs)))
     t0 = time.perf_counter()
@@ -384,31 +571,4 @@ def adapt(inputs: list[Path], out_path: Path, work_dir: Path, run_cfg: RunConfig
                 echo(one_line(exc, path))
                 continue
             record(path, sha, mined)
-    mining_s = time.perf_counter() - t0
-
-    if len(store) == 0:
-        raise ValueError("no confident nuclei were found in any slide of the cohort: nothing to adapt on "
-                         "(is the cohort H&E? is the base model right for it?)")
-    train_cfg = TrainConfig(block_px=cfg.block_px, batch_size=cfg.batch_size, epochs=cfg.epochs,
-                            steps_per_epoch=cfg.steps_per_epoch, learning_rate=cfg.learning_rate, seed=cfg.seed,
-                            disk_radius_px=cfg.disk_radius_px)
-    t1 = time.perf_counter()
-    state = train(StoreSampler(store, train_cfg), out_path, train_cfg, checkpoint_dir=work_dir / "checkpoints",
-                  init_model=predictor.model_path, verbose=2)
-    provenance = {
-        "base_model": {"path": str(predictor.model_path), "sha256": predictor.sha256},
-        "adapted_model_sha256": file_sha256(out_path),
-        "cohort": [{k: s[k] for k in ("path", "sha256", "hard_positives", "blocks", "tissue_mm2", "warnings")} for s in store.slides],
-        "recipe": cfg.recipe,
-        "thresholds": {"high": cfg.high, "low": cfg.low},
-        "blocks": len(store),
-        "adapt_config": asdict(cfg),
-        "run_config": run_cfg.to_dict(),
-        "training": {"epochs": state["epoch"], "history": state["history"], "seconds": round(state["seconds"], 1)},
-        "mining_s": round(mining_s, 1),
-        "fine_tune_s": round(time.perf_counter() - t1, 1),
-    }
-    from ..io.files import atomic_write_text
-
-    atomic_write_text(out_path.with_suffix(".json"), json.dumps(provenance, indent=2, sort_keys=True))
-    return provenance
+    return store, time.perf_counter() - t0

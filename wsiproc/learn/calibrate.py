@@ -1,0 +1,176 @@
+"""Cohort calibration: bring a new lab's colours and confidences back to what the model was trained on.
+
+Two label-free corrections, both folded into the network's own weights (no new layer, so every engine and
+`wsiproc run --model` use the result as is):
+
+- **Colour alignment.** The affine RGB transform that maps the cohort's tissue-pixel mean and covariance onto
+  those of the model's training images (whitening, then colouring: `A = Σ_ref^½ Σ_cohort^-½`,
+  `c = μ_ref − A μ_cohort`) is folded into the first convolution. It is stain normalisation to the
+  training domain, done once per cohort instead of per tile.
+- **Confidence re-calibration.** On a new lab the model's confidences sink: fewer of its candidate peaks
+  (above a floor of 0.1) reach 0.5 than on any training domain. When the cohort's share falls outside the
+  range the training domains showed, the threshold `t` that restores the nearest end of that range is folded
+  into the last layer's bias (`b − logit(t)`), so that 0.5 on the adapted model means `t` on the aligned one.
+  A cohort inside the range is left alone: adapting "just in case" on familiar data changes nothing here.
+
+What "trained on" looked like is a `Reference` (JSON beside the model, `<model>.reference.json`), measured
+once from the training domains by `benchmarks/reference_stats.py`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+#: Candidate peaks below this confidence are not counted: they are the map's noise floor in every domain.
+PEAK_FLOOR = 0.1
+#: The re-calibrated threshold stays within these bounds whatever the cohort looks like.
+THRESHOLD_BOUNDS = (0.2, 0.8)
+#: A pixel is tissue for the colour statistics when its darkest channel is below this (of 255): not glass.
+TISSUE_MIN_CHANNEL = 216
+
+
+@dataclass
+class ColourStats:
+    """Running first and second moments of tissue RGB in [0, 1]: merged over tiles, slides, domains."""
+
+    n: int = 0
+    sum_rgb: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    sum_outer: tuple[tuple[float, ...], ...] = ((0.0,) * 3,) * 3
+
+    def add(self, rgb_uint8: np.ndarray, step: int = 2) -> "ColourStats":
+        """Add the tissue pixels of an (h, w, 3) uint8 image, every `step`-th row and column."""
+        px = np.asarray(rgb_uint8)[::step, ::step, :3].reshape(-1, 3)
+        px = px[px.min(axis=1) < TISSUE_MIN_CHANNEL].astype(np.float64) / 255.0
+        self.n += len(px)
+        self.sum_rgb = tuple(np.asarray(self.sum_rgb) + px.sum(axis=0))
+        self.sum_outer = tuple(map(tuple, np.asarray(self.sum_outer) + px.T @ px))
+        return self
+
+    @property
+    def mean(self) -> np.ndarray:
+        return np.asarray(self.sum_rgb) / max(self.n, 1)
+
+    @property
+    def cov(self) -> np.ndarray:
+        m = self.mean
+        return np.asarray(self.sum_outer) / max(self.n, 1) - np.outer(m, m)
+
+
+@dataclass
+class Reference:
+    """The model's training data as the model saw it: tissue colour moments and its confident-peak shares."""
+
+    mean_rgb: list[float]
+    cov_rgb: list[list[float]]
+    confident_share: dict[str, float]  # per training domain: share of peaks >= PEAK_FLOOR that reach 0.5
+    source: str = ""
+
+    @property
+    def share_range(self) -> tuple[float, float]:
+        values = list(self.confident_share.values())
+        return min(values), max(values)
+
+    def save(self, path: str | Path) -> Path:
+        from ..io.files import atomic_write_text
+
+        return atomic_write_text(Path(path), json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Reference":
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: not a model reference (colour and confidence statistics): {exc}") from exc
+
+    @staticmethod
+    def beside(model_path: str | Path) -> Path:
+        p = Path(model_path)
+        return p.with_name(p.stem + ".reference.json")
+
+
+def _sqrtm_spd(m: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """Square root (or its inverse) of a symmetric positive definite matrix, through its eigenvectors."""
+    w, v = np.linalg.eigh((m + m.T) / 2)
+    w = np.maximum(w, 1e-8)
+    return (v * (w ** (-0.5 if inverse else 0.5))) @ v.T
+
+
+def colour_transform(cohort: ColourStats, reference: Reference) -> tuple[np.ndarray, np.ndarray]:
+    """(A, c) with `A @ rgb + c` giving the cohort's tissue the reference's mean and covariance."""
+    a = _sqrtm_spd(np.asarray(reference.cov_rgb)) @ _sqrtm_spd(cohort.cov, inverse=True)
+    return a, np.asarray(reference.mean_rgb) - a @ cohort.mean
+
+
+def share_reaching(peaks: np.ndarray, threshold: float = 0.5) -> float:
+    """Share of candidate peaks (>= PEAK_FLOOR) whose confidence reaches `threshold`."""
+    peaks = np.asarray(peaks)
+    peaks = peaks[peaks >= PEAK_FLOOR]
+    return float((peaks >= threshold).mean()) if len(peaks) else float("nan")
+
+
+def recalibrated_threshold(peaks: np.ndarray, reference: Reference) -> tuple[float, float]:
+    """(threshold, cohort share): the threshold at which the cohort's confident share re-enters the reference range.
+
+    0.5 when the share is already inside the range (or there are no peaks to judge from).
+    """
+    share = share_reaching(peaks)
+    lo, hi = reference.share_range
+    if not np.isfinite(share) or lo <= share <= hi:
+        return 0.5, share
+    wanted = lo if share < lo else hi
+    floor_peaks = np.sort(np.asarray(peaks)[np.asarray(peaks) >= PEAK_FLOOR])
+    t = float(np.quantile(floor_peaks, 1.0 - wanted))
+    return float(np.clip(t, *THRESHOLD_BOUNDS)), share
+
+
+def _first_convolution(model):
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            if layer.kernel.shape[2] != 3:
+                raise ValueError(f"{model.name}: the first convolution takes {layer.kernel.shape[2]} channels, not RGB")
+            return layer
+    raise ValueError(f"{model.name}: no convolution to fold a colour transform into")
+
+
+def fold_calibration(model, a: np.ndarray, c: np.ndarray, threshold: float) -> None:
+    """Fold `rgb → A rgb + c` into the first convolution and `threshold` into the confidence layer's bias.
+
+    Exact inside the image; within the first convolution's reach of a zero-padded border the padding now
+    stands for colour `c` instead of black, which the tiles' halo keeps out of every core.
+    """
+    conv = _first_convolution(model)
+    kernel, bias = (np.asarray(w, np.float64) for w in conv.get_weights())
+    new_kernel = np.einsum("hwjo,ji->hwio", kernel, a)
+    new_bias = bias + np.einsum("hwjo,j->o", kernel, c)
+    conv.set_weights([new_kernel.astype(np.float32), new_bias.astype(np.float32)])
+    if threshold != 0.5:
+        head = model.get_layer("confidence")
+        k, b = head.get_weights()
+        head.set_weights([k, (b - np.log(threshold / (1.0 - threshold))).astype(np.float32)])
+
+
+@dataclass
+class Calibration:
+    """What adapting did to the base model before any fine-tuning, for the provenance."""
+
+    colour_a: list[list[float]]
+    colour_c: list[float]
+    cohort_mean_rgb: list[float]
+    tissue_pixels: int
+    threshold: float  # on the colour-aligned model; 0.5 = unchanged
+    cohort_confident_share: float
+    reference_share_range: tuple[float, float]
+    tiles: int
+    peaks: int
+
+
+def sample_tiles(n_tiles: int, k: int, seed: int) -> list[int]:
+    """Indices of up to `k` tiles of a slide, drawn without replacement (all when it has no more)."""
+    if n_tiles <= k:
+        return list(range(n_tiles))
+    return sorted(np.random.default_rng(seed).choice(n_tiles, k, replace=False).tolist())
