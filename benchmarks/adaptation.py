@@ -34,8 +34,9 @@ from wsiproc.evaluate.scoring import Score  # noqa: E402
 VARIANTS = {
     "paper": {"recipe": "paper"},
     "consistency": {"recipe": "consistency"},
-    "calibrate": {"recipe": "calibrate"},  # colour alignment + threshold only, no fine-tuning
-    "consistency-random": {"recipe": "consistency", "random_fraction": 1.0},  # blocks at random positions only
+    "calibrate": {"recipe": "calibrate"},  # confidence re-calibration only, no fine-tuning
+    "calibrate-colour": {"recipe": "calibrate", "colour": True},  # and colour alignment
+    "consistency-random": {"recipe": "consistency", "random_fraction": 1.0, "colour": True},  # random blocks only
     "consistency-noalign": {"recipe": "consistency", "align": False},
 }
 

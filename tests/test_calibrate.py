@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from wsiproc.learn.calibrate import (ColourStats, Reference, colour_transform, fold_calibration, recalibrated_threshold,
+from wsiproc.learn.calibrate import (SHARE_TOLERANCE, ColourStats, Reference, colour_transform, fold_calibration, recalibrated_threshold,
                                      share_reaching)
 
 
@@ -90,11 +90,26 @@ def test_wsiproc_adapt_calibrates_the_shipped_model_to_a_cohort(tmp_path: Path, 
     assert provenance["recipe"] == "calibrate" and provenance["training"] is None
     assert provenance["base_model"]["sha256"] == file_sha256(shipped_model)
     assert cal["tiles"] == 3 and cal["tissue_pixels"] > 10000 and cal["peaks"] > 50
-    assert 0.2 <= cal["threshold"] <= 0.8 and np.linalg.det(np.array(cal["colour_a"])) > 0
-    base, adapted = load_model(shipped_model), load_model(out)
-    changed = [layer.name for layer, other in zip(base.layers, adapted.layers)
-               if any(not np.array_equal(np.asarray(w), np.asarray(v)) for w, v in zip(layer.get_weights(), other.get_weights()))]
-    assert changed[0] == "block1_conv1" and set(changed) <= {"block1_conv1", "confidence"}
+    assert 0.2 <= cal["threshold"] <= 0.8
+    assert np.array_equal(cal["colour_a"], np.eye(3)) and cal["colour_c"] == [0.0, 0.0, 0.0]  # colours as they are
+    base = load_model(shipped_model)
 
-    again = CliRunner().invoke(main, args)  # same work folder: the calibration is reused, the model the same
+    def changed_layers(path: Path) -> list[str]:
+        adapted = load_model(path)
+        return [layer.name for layer, other in zip(base.layers, adapted.layers)
+                if any(not np.array_equal(np.asarray(w), np.asarray(v)) for w, v in zip(layer.get_weights(), other.get_weights()))]
+
+    # Only the confidence bias may move, and only when the cohort's confident share left the training range.
+    assert changed_layers(out) == ([] if cal["threshold"] == 0.5 else ["confidence"])
+    lo, hi = cal["reference_share_range"]
+    inside = lo - SHARE_TOLERANCE <= cal["cohort_confident_share"] <= hi + SHARE_TOLERANCE
+    assert inside == (cal["threshold"] == 0.5)
+
+    again = CliRunner().invoke(main, args)  # same work folder: the calibration is reused
     assert again.exit_code == 0 and "cohort calibration already done" in again.output
+
+    coloured = tmp_path / "coloured.keras"
+    result = CliRunner().invoke(main, [*args[:-4], "--out", str(coloured), "--work", str(tmp_path / "w2"), "--align-colour"])
+    assert result.exit_code == 0, result.output
+    assert changed_layers(coloured)[0] == "block1_conv1" and set(changed_layers(coloured)) <= {"block1_conv1", "confidence"}
+    assert np.linalg.det(np.array(json.loads(coloured.with_suffix(".json").read_text())["calibration"]["colour_a"])) > 0

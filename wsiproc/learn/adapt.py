@@ -2,8 +2,10 @@
 
 Three recipes share the lazy tiling, tissue mask and resume of `run`:
 
-- ``calibrate`` (default): colour alignment and confidence re-calibration to the cohort, folded into the
-  weights (`wsiproc.learn.calibrate`); no fine-tuning. The one that measurably helped (benchmarks/adaptation.py).
+- ``calibrate`` (default): confidence re-calibration to the cohort (and, with `colour`, colour alignment),
+  folded into the weights (`wsiproc.learn.calibrate`); no fine-tuning. A cohort whose confidences look like a
+  training domain's leaves the model unchanged, so adapting "just in case" cannot hurt; a lab where they sink
+  gets a lower threshold. Measured in benchmarks/results/adaptation/: the only recipe with no harm anywhere.
 - ``consistency``: calibrate, then mine pseudo-labelled blocks and fine-tune on them. Every tile is predicted
   under four views (as is, flipped left–right, flipped up–down, turned half way) and the views' maps are
   averaged. A candidate nucleus (a peak of the averaged map, found with the run's post-processing) becomes a
@@ -57,7 +59,8 @@ BACKGROUND, NUCLEUS, UNSURE = 0, 1, 2
 @dataclass
 class AdaptConfig:
     recipe: str = "calibrate"  # calibrate | consistency (calibrate, then pseudo-label fine-tuning) | paper (§UDA)
-    align: bool = True  # consistency: colour alignment and confidence re-calibration first (wsiproc.learn.calibrate)
+    align: bool = True  # consistency: calibrate first (wsiproc.learn.calibrate)
+    colour: bool = False  # calibration also aligns the cohort's colours (measured: helps one lab, hurts others)
     calibration_tiles: int = 8  # tiles per slide sampled for the cohort's colour and confidence statistics
     high: float = 0.8
     low: float = 0.5
@@ -313,10 +316,11 @@ MIN_TISSUE_PIXELS = 1000
 
 def calibrate_cohort(inputs: list[Path], run_cfg: RunConfig, predictor: Predictor, reference: Reference, cfg: AdaptConfig,
                      work_dir: Path, echo: Callable[[str], None] = print) -> tuple[Calibration, Path] | None:
-    """Colour alignment and confidence re-calibration of the base model for this cohort (`wsiproc.learn.calibrate`).
+    """Confidence re-calibration (and, with `colour`, colour alignment) of the base model for this cohort.
 
     Two passes over the same `calibration_tiles` random tissue tiles per slide: their colour moments give the
-    colour transform; the colour-aligned model's candidate peaks on them give the threshold. The result is
+    colour transform (identity unless `cfg.colour`) and guard against a cohort without tissue; the (aligned)
+    model's candidate peaks on them give the threshold (`wsiproc.learn.calibrate`). The result is
     `work_dir/aligned.keras` and `calibration.json` (reused on a rerun); None, with a line saying why, when the
     sampled tiles hold too little tissue to judge colours by.
     """
@@ -339,23 +343,26 @@ def calibrate_cohort(inputs: list[Path], run_cfg: RunConfig, predictor: Predicto
     if colour.n < MIN_TISSUE_PIXELS:
         echo(f"cohort calibration skipped: {colour.n} tissue pixels in the sampled tiles (fewer than {MIN_TISSUE_PIXELS})")
         return None
-    a, c = colour_transform(colour, reference)
+    a, c = colour_transform(colour, reference) if cfg.colour else (np.eye(3), np.zeros(3))
     model = load_model(predictor.model_path)
-    fold_calibration(model, a, c, 0.5)
-    save_model(model, work_dir / "aligned_colour.keras")
-    coloured = Predictor(work_dir / "aligned_colour.keras", precision=run_cfg.precision, engine=run_cfg.engine)
-    per_slide = [_peaks_of_tiles(path, run_cfg, coloured, cfg.calibration_tiles, seed) for path, seed in readable]
+    judged_by = predictor
+    if cfg.colour:
+        fold_calibration(model, a, c, 0.5)
+        save_model(model, work_dir / "aligned_colour.keras")
+        judged_by = Predictor(work_dir / "aligned_colour.keras", precision=run_cfg.precision, engine=run_cfg.engine)
+    per_slide = [_peaks_of_tiles(path, run_cfg, judged_by, cfg.calibration_tiles, seed) for path, seed in readable]
     peaks = np.concatenate([p for p, _ in per_slide] or [np.zeros(0)])
     n_tiles = sum(n for _, n in per_slide)
     threshold, share = recalibrated_threshold(peaks, reference)
-    fold_calibration(model, np.eye(3), np.zeros(3), threshold)
+    fold_calibration(model, np.eye(3), np.zeros(3), threshold)  # the colour transform, if any, is in already
     save_model(model, aligned)
     calibration = Calibration(a.tolist(), c.tolist(), colour.mean.tolist(), colour.n, round(threshold, 4),
                               round(share, 4), reference.share_range, n_tiles, int((peaks >= PEAK_FLOOR).sum()))
     from ..io.files import atomic_write_text
 
     atomic_write_text(record, json.dumps(asdict(calibration), indent=1))
-    echo(f"cohort calibration: colour aligned to the model's training images ({colour.n} tissue pixels from {n_tiles} tiles); "
+    colour_note = "colours aligned to the model's training images" if cfg.colour else "colours as they are"
+    echo(f"cohort calibration ({colour_note}; {colour.n} tissue pixels from {n_tiles} tiles): "
          f"{share:.0%} of candidate peaks reach 0.5 (training domains: {reference.share_range[0]:.0%}–{reference.share_range[1]:.0%}) "
          f"-> threshold {threshold:.2f} folded into the model")
     return calibration, aligned
