@@ -7,12 +7,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 
 from ..config import RunConfig
 from ..detection.inference import Predictor
 from ..detection.loop import ProgressFn, detect
 from ..io.slide import open_slide
+from ..outputs.qc import QcSlide
 from ..outputs.record import RunRecord
 
 
@@ -34,13 +34,8 @@ def run_slide(path: str | Path, out_dir: str | Path, cfg: RunConfig, predictor: 
         # GeoJSON ids seeded by what determines the result: a rerun writes byte-identical files.
         id_seed = int(hashlib.sha256(json.dumps([predictor.sha256, record.input, cfg.to_dict()], sort_keys=True, default=str).encode()).hexdigest()[:16], 16)
 
-        def qc_picture(qc_path: Path, density: np.ndarray) -> None:
-            from ..outputs.qc import write_qc_png
-
-            write_qc_png(qc_path, result.sampler, result.tissue, result.detections, density, level0_mpp, cfg.density_cell_um)
-
         outputs = write_outputs(Path(out_dir), stem or path.stem, result.detections, level0_mpp, (h0, w0), record.to_dict(),
-                                cell_um=cfg.density_cell_um, geojson_gz=cfg.geojson_gz, id_seed=id_seed, qc=qc_picture)
+                                cell_um=cfg.density_cell_um, geojson_gz=cfg.geojson_gz, id_seed=id_seed, qc=QcSlide(result.sampler, result.tissue))
         record.outputs = {key: p.name for key, p in outputs.items()}
         return record.to_dict()
     finally:

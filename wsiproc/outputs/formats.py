@@ -16,7 +16,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import geojson
 import numpy as np
@@ -26,6 +26,9 @@ from PIL import Image
 from ..detection.detections import Detections
 from ..io.files import atomic_path
 from .record import write_run_record
+
+if TYPE_CHECKING:
+    from .qc import QcSlide
 
 __all__ = [
     "write_csv",
@@ -269,11 +272,11 @@ def write_outputs(
     cell_um: float = 50.0,
     geojson_gz: bool = False,
     id_seed: int | None = None,
-    qc: Callable[[Path, np.ndarray], object] | None = None,
+    qc: "QcSlide | None" = None,
 ) -> dict[str, Path]:
     """Write every result file of one slide; `<stem>.json` last, as the marker of a complete result.
 
-    `qc(path, density)` draws the QC picture `<stem>_qc.png` (it needs the slide, which this module does not).
+    With `qc` (the slide's sampler and tissue mask) the QC picture `<stem>_qc.png` is drawn too.
 
     A record left by an earlier run is removed first: otherwise a rerun interrupted half way would leave
     the old marker next to a mix of old and new files. `record` is not modified; the written copy gains
@@ -297,7 +300,9 @@ def write_outputs(
     write_density_png(paths["density_png"], density)
     if qc is not None:
         paths = {**{k: v for k, v in paths.items() if k != "record"}, "qc_png": out / f"{stem}_qc.png", "record": paths["record"]}
-        qc(paths["qc_png"], density)
+        from .qc import write_qc_png
+
+        write_qc_png(paths["qc_png"], qc.sampler, qc.mask, det, density, mpp, cell_um)
 
     full = dict(record)
     full["outputs"] = {key: p.name for key, p in paths.items()}

@@ -114,6 +114,14 @@ def _read_or_gray(sampler: SlideSampler, y0: int, x0: int, height: int, width: i
         return rgb
 
 
+@dataclass(frozen=True)
+class QcSlide:
+    """What the QC picture needs of the slide itself, beyond the detections and density every output shares."""
+
+    sampler: SlideSampler
+    mask: TissueMask | None
+
+
 def write_qc_png(
     path: str | os.PathLike[str],
     sampler: SlideSampler,
