@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from wsiproc.learn.calibrate import (SHARE_TOLERANCE, ColourStats, Reference, colour_transform, fold_calibration, recalibrated_threshold,
-                                     share_reaching)
+from wsiproc.learn.calibrate import (SHARE_TOLERANCE, ColourStats, Reference, colour_transform, fold_colour, fold_threshold,
+                                     recalibrated_threshold, share_reaching)
 
 
 def _reference(mean, cov, shares=(0.75, 0.85)) -> Reference:
@@ -60,7 +60,8 @@ def test_folding_equals_transforming_the_input_and_shifting_the_threshold() -> N
     a = np.array([[1.1, -0.05, 0.02], [0.03, 0.95, 0.04], [-0.02, 0.06, 1.2]])
     c = np.array([-0.04, 0.03, -0.08])
     before = model.predict(((x.reshape(-1, 3) @ a.T + c).reshape(x.shape)).astype(np.float32), verbose=0)[0, ..., 0]
-    fold_calibration(model, a, c, threshold=0.3)
+    fold_colour(model, a, c)
+    fold_threshold(model, 0.3)
     after = model.predict(x, verbose=0)[0, ..., 0]
     logit = lambda p: np.log(p / (1 - p))  # noqa: E731
     inner = (slice(8, -8), slice(8, -8))  # away from the zero-padded border

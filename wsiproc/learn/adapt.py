@@ -39,8 +39,8 @@ from ..detection.inference import Predictor
 from ..io.files import file_sha256
 from ..detection.loop import batched, plan_tiles, read_tile, worker_predictor
 from ..detection.postprocess import Postprocess, find_nuclei
-from .calibrate import (PEAK_FLOOR, Calibration, ColourStats, Reference, colour_transform, fold_calibration,
-                        recalibrated_threshold, sample_tiles, share_reaching)
+from .calibrate import (PEAK_FLOOR, Calibration, ColourStats, Reference, colour_transform, fold_colour,
+                        fold_threshold, recalibrated_threshold, sample_tiles, share_reaching)
 from ..io.slide import open_slide
 from ..detection.stitch import owned
 from ..detection.tiling import SlideSampler, halo_tiles
@@ -282,13 +282,16 @@ def _sampled_tiles(path: Path, run_cfg: RunConfig, geometry, k: int, seed: int):
         slide.close()
 
 
-def _peaks_of_tiles(path: Path, run_cfg: RunConfig, predictor: Predictor, k: int, seed: int) -> tuple[np.ndarray, int]:
+def _peaks_of_tiles(path: Path, run_cfg: RunConfig, predictor: Predictor, k: int, seed: int,
+                    colour: ColourStats | None = None) -> tuple[np.ndarray, int]:
     """Confidences of the candidate peaks (>= PEAK_FLOOR) owned by up to `k` random tissue tiles of a slide, and
-    how many tiles that was."""
+    how many tiles that was; `colour`, when given, takes the same tiles' colour moments on the same read."""
     rule = run_cfg.postprocessor()
     rule = Postprocess(rule.method, PEAK_FLOOR, rule.min_distance_px, rule.sigma_px)
     peaks = [np.zeros(0, np.float32)]
     for grid, (r, col), img in _sampled_tiles(path, run_cfg, getattr(predictor, "geometry", None), k, seed):
+        if colour is not None:
+            colour.add(img)
         found = rule(predictor(img[None])[0])
         core = grid.core(r, col)
         peaks.append(found.confidence[owned(found.y + core[0] - grid.halo_px, found.x + core[1] - grid.halo_px, core)])
@@ -303,9 +306,7 @@ def measure_reference(domains: dict[str, tuple[list[Path], float]], predictor: P
         cfg = dataclasses.replace(run_cfg, mpp=mpp)
         peaks = []
         for i, path in enumerate(paths):
-            for _, _, img in _sampled_tiles(path, cfg, getattr(predictor, "geometry", None), tiles_per_image, seed + i):
-                colour.add(img)
-            peaks.append(_peaks_of_tiles(path, cfg, predictor, tiles_per_image, seed + i)[0])
+            peaks.append(_peaks_of_tiles(path, cfg, predictor, tiles_per_image, seed + i, colour)[0])
         shares[name] = round(share_reaching(np.concatenate(peaks)), 4)
     return Reference(colour.mean.round(6).tolist(), colour.cov.round(8).tolist(), shares, str(predictor.model_path))
 
@@ -318,9 +319,9 @@ def calibrate_cohort(inputs: list[Path], run_cfg: RunConfig, predictor: Predicto
                      work_dir: Path, echo: Callable[[str], None] = print) -> tuple[Calibration, Path] | None:
     """Confidence re-calibration (and, with `colour`, colour alignment) of the base model for this cohort.
 
-    Two passes over the same `calibration_tiles` random tissue tiles per slide: their colour moments give the
-    colour transform (identity unless `cfg.colour`) and guard against a cohort without tissue; the (aligned)
-    model's candidate peaks on them give the threshold (`wsiproc.learn.calibrate`). The result is
+    `calibration_tiles` random tissue tiles per slide: their colour moments guard against a cohort without tissue
+    and (with `cfg.colour`) give the colour transform; the (aligned) model's candidate peaks on them give the
+    threshold (`wsiproc.learn.calibrate`). One read of the tiles, two with colour alignment. The result is
     `work_dir/aligned.keras` and `calibration.json` (reused on a rerun); None, with a line saying why, when the
     sampled tiles hold too little tissue to judge colours by.
     """
@@ -332,11 +333,16 @@ def calibrate_cohort(inputs: list[Path], run_cfg: RunConfig, predictor: Predicto
         return Calibration(**json.loads(record.read_text())), aligned
     geometry = getattr(predictor, "geometry", None)
     seeds = [cfg.seed * 100003 + i for i in range(len(inputs))]
-    colour, readable = ColourStats(), []
+    # Without colour alignment one read of the sampled tiles gives both the colour guard and the peaks; with it,
+    # the peaks must come from the aligned model, so the colours are read first.
+    colour, readable, per_slide = ColourStats(), [], []
     for path, seed in zip(inputs, seeds):
         try:
-            for _, _, img in _sampled_tiles(path, run_cfg, geometry, cfg.calibration_tiles, seed):
-                colour.add(img)
+            if cfg.colour:
+                for _, _, img in _sampled_tiles(path, run_cfg, geometry, cfg.calibration_tiles, seed):
+                    colour.add(img)
+            else:
+                per_slide.append(_peaks_of_tiles(path, run_cfg, predictor, cfg.calibration_tiles, seed, colour))
             readable.append((path, seed))
         except Exception as exc:  # one bad slide must not stop the cohort; mining will name it again
             echo(one_line(exc, path))
@@ -345,16 +351,15 @@ def calibrate_cohort(inputs: list[Path], run_cfg: RunConfig, predictor: Predicto
         return None
     a, c = colour_transform(colour, reference) if cfg.colour else (np.eye(3), np.zeros(3))
     model = load_model(predictor.model_path)
-    judged_by = predictor
     if cfg.colour:
-        fold_calibration(model, a, c, 0.5)
+        fold_colour(model, a, c)
         save_model(model, work_dir / "aligned_colour.keras")
-        judged_by = Predictor(work_dir / "aligned_colour.keras", precision=run_cfg.precision, engine=run_cfg.engine)
-    per_slide = [_peaks_of_tiles(path, run_cfg, judged_by, cfg.calibration_tiles, seed) for path, seed in readable]
+        aligned_colour = Predictor(work_dir / "aligned_colour.keras", precision=run_cfg.precision, engine=run_cfg.engine)
+        per_slide = [_peaks_of_tiles(path, run_cfg, aligned_colour, cfg.calibration_tiles, seed) for path, seed in readable]
     peaks = np.concatenate([p for p, _ in per_slide] or [np.zeros(0)])
     n_tiles = sum(n for _, n in per_slide)
     threshold, share = recalibrated_threshold(peaks, reference)
-    fold_calibration(model, np.eye(3), np.zeros(3), threshold)  # the colour transform, if any, is in already
+    fold_threshold(model, threshold)
     save_model(model, aligned)
     calibration = Calibration(a.tolist(), c.tolist(), colour.mean.tolist(), colour.n, round(threshold, 4),
                               round(share, 4), reference.share_range, n_tiles, int((peaks >= PEAK_FLOOR).sum()))

@@ -142,8 +142,8 @@ def _first_convolution(model):
     raise ValueError(f"{model.name}: no convolution to fold a colour transform into")
 
 
-def fold_calibration(model, a: np.ndarray, c: np.ndarray, threshold: float) -> None:
-    """Fold `rgb → A rgb + c` into the first convolution and `threshold` into the confidence layer's bias.
+def fold_colour(model, a: np.ndarray, c: np.ndarray) -> None:
+    """Fold `rgb → A rgb + c` into the first convolution.
 
     Exact inside the image; within the first convolution's reach of a zero-padded border the padding now
     stands for colour `c` instead of black, which the tiles' halo keeps out of every core.
@@ -153,6 +153,10 @@ def fold_calibration(model, a: np.ndarray, c: np.ndarray, threshold: float) -> N
     new_kernel = np.einsum("hwjo,ji->hwio", kernel, a)
     new_bias = bias + np.einsum("hwjo,j->o", kernel, c)
     conv.set_weights([new_kernel.astype(np.float32), new_bias.astype(np.float32)])
+
+
+def fold_threshold(model, threshold: float) -> None:
+    """Fold a threshold into the confidence layer's bias: 0.5 on the result is `threshold` on the model before."""
     if threshold != 0.5:
         head = model.get_layer("confidence")
         k, b = head.get_weights()
