@@ -62,12 +62,17 @@ def evaluate_model(label: str, predictor, cfg: RunConfig, data: Path, domains: l
     return rows
 
 
+def score_cell(score: Score) -> str:
+    """One table cell: precision / recall / **F1**."""
+    return f"{score.precision:.3f} / {score.recall:.3f} / **{score.f1:.3f}**"
+
+
 def format_domain_table(results: dict[str, dict[str, Score]]) -> str:
     domains = list(next(iter(results.values())))
     head = "| model | " + " | ".join(f"{d} P / R / F1" for d in domains) + " | mean F1 |"
     lines = [head, "|" + "---|" * (len(domains) + 2)]
     for label, row in results.items():
-        cells = " | ".join(f"{s.precision:.3f} / {s.recall:.3f} / **{s.f1:.3f}**" for s in row.values())
+        cells = " | ".join(score_cell(s) for s in row.values())
         lines.append(f"| {label} | {cells} | {np.mean([s.f1 for s in row.values()]):.3f} |")
     return "\n".join(lines)
 

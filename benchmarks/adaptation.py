@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import evaluate_model  # noqa: E402
+from accuracy import evaluate_model, score_cell  # noqa: E402
 
 from wsiproc.learn import datasets  # noqa: E402
 from wsiproc.learn.adapt import AdaptConfig, adapt  # noqa: E402
@@ -50,10 +50,6 @@ def cohort_of(target: str, data: Path) -> tuple[list[Path], float]:
     return [im.path for im in images], mpps.pop()
 
 
-def row(score: Score) -> str:
-    return f"{score.precision:.3f} / {score.recall:.3f} / **{score.f1:.3f}**"
-
-
 def summary(target: str, base_label: str, results: dict[str, dict[str, Score]]) -> str:
     """Markdown: one row per domain, base then each recipe with its F1 change."""
     labels = list(results)
@@ -64,7 +60,7 @@ def summary(target: str, base_label: str, results: dict[str, dict[str, Score]]) 
         cells = []
         for label in labels:
             s = results[label][dom]
-            cells.append(row(s) + ("" if label == base_label else f" ({s.f1 - base_f1:+.3f})"))
+            cells.append(score_cell(s) + ("" if label == base_label else f" ({s.f1 - base_f1:+.3f})"))
         lines.append(f"| {dom}{' (target)' if dom == target else ''} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -42,7 +42,7 @@ from ..detection.postprocess import Postprocess, find_nuclei
 from .calibrate import (PEAK_FLOOR, Calibration, ColourStats, Reference, colour_transform, fold_colour,
                         fold_threshold, recalibrated_threshold, sample_tiles, share_reaching)
 from ..io.slide import open_slide
-from ..detection.stitch import owned
+from ..detection.stitch import keep_core, owned
 from ..detection.tiling import SlideSampler, halo_tiles
 from .training import TrainConfig, augment_block, draw_targets, flip_turn
 
@@ -143,7 +143,7 @@ def consistent_labels(maps: np.ndarray, cfg: AdaptConfig, post: Postprocess) -> 
     A view "finds" a candidate when its own map exceeds `low` within one pixel of the candidate's peak.
     """
     mean = maps.mean(axis=0)
-    found = Postprocess(post.method, cfg.ignore_below, post.min_distance_px, post.sigma_px)(mean)
+    found = dataclasses.replace(post, threshold=cfg.ignore_below)(mean)
     xy = np.stack([found.x, found.y], 1)
     if len(found) == 0:
         return PseudoLabels(xy, xy, xy)
@@ -286,15 +286,12 @@ def _peaks_of_tiles(path: Path, run_cfg: RunConfig, predictor: Predictor, k: int
                     colour: ColourStats | None = None) -> tuple[np.ndarray, int]:
     """Confidences of the candidate peaks (>= PEAK_FLOOR) owned by up to `k` random tissue tiles of a slide, and
     how many tiles that was; `colour`, when given, takes the same tiles' colour moments on the same read."""
-    rule = run_cfg.postprocessor()
-    rule = Postprocess(rule.method, PEAK_FLOOR, rule.min_distance_px, rule.sigma_px)
+    rule = dataclasses.replace(run_cfg.postprocessor(), threshold=PEAK_FLOOR)
     peaks = [np.zeros(0, np.float32)]
     for grid, (r, col), img in _sampled_tiles(path, run_cfg, getattr(predictor, "geometry", None), k, seed):
         if colour is not None:
             colour.add(img)
-        found = rule(predictor(img[None])[0])
-        core = grid.core(r, col)
-        peaks.append(found.confidence[owned(found.y + core[0] - grid.halo_px, found.x + core[1] - grid.halo_px, core)])
+        peaks.append(keep_core(rule(predictor(img[None])[0]), grid, r, col)[2])  # the confidences of its own peaks
     return np.concatenate(peaks), len(peaks) - 1
 
 

@@ -121,13 +121,14 @@ def recalibrated_threshold(peaks: np.ndarray, reference: Reference) -> tuple[flo
 
     0.5 when the share is already inside the range (or there are no peaks to judge from).
     """
+    peaks = np.asarray(peaks)
+    peaks = peaks[peaks >= PEAK_FLOOR]
     share = share_reaching(peaks)
     lo, hi = reference.share_range
     if not np.isfinite(share) or lo - SHARE_TOLERANCE <= share <= hi + SHARE_TOLERANCE:
         return 0.5, share
     wanted = lo if share < lo else hi
-    floor_peaks = np.sort(np.asarray(peaks)[np.asarray(peaks) >= PEAK_FLOOR])
-    t = float(np.quantile(floor_peaks, 1.0 - wanted))
+    t = float(np.quantile(peaks, 1.0 - wanted))
     return float(np.clip(t, *THRESHOLD_BOUNDS)), share
 
 
