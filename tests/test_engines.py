@@ -210,6 +210,29 @@ def test_processes_starting_together_share_one_cache_entry(small_models, cache) 
     assert not [p for p in cache.rglob("*") if "partial" in p.name]
 
 
+def test_a_process_with_another_instruction_cap_compiles_its_own_blob_without_a_warning(small_models, cache) -> None:
+    """oneDNN's ONEDNN_MAX_CPU_ISA makes a process compile other kernels, as another CPU would: sharing one blob
+    made the second process call the first one's blob corrupt (a warning) and rebuild it, back and forth."""
+    script = ("import sys, warnings; warnings.filterwarnings('error', message='.*corrupt'); import numpy as np; "
+              "from wsiproc.detection.inference import Predictor; "
+              "p = Predictor(sys.argv[1], 'float32', 'openvino'); p(np.full((1, 64, 64, 3), 128, np.uint8)); "
+              "print(p.describe()['cache_status']['compiled'])")
+
+    def run(cap: str | None) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"} | {"WSIPROC_CACHE": str(cache)}
+        if cap:
+            env["ONEDNN_MAX_CPU_ISA"] = cap
+        done = subprocess.run([sys.executable, "-c", script, str(small_models["unet"])], capture_output=True,
+                              text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    assert run(None) == "built"
+    assert run("AVX512_CORE") == "built"
+    assert len(list((cache / "compiled").glob("*.blob"))) == 2
+    assert run(None) == "hit" and run("AVX512_CORE") == "hit"
+
+
 def test_an_unwritable_cache_folder_still_runs(small_models, tmp_path: Path, monkeypatch) -> None:
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")

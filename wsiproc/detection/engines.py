@@ -491,7 +491,9 @@ class ModelCache:
     def blob_path(self, ir_digest: str, device: str, config: dict) -> Path:
         cpu = cpu_info()
         key = json.dumps({"ir": ir_digest, "device": device, "config": {k: str(v) for k, v in sorted(config.items())},
-                          "openvino": openvino_version(), "cpu": [cpu.name, cpu.openvino_capabilities, cpu.flags]},
+                          "openvino": openvino_version(), "cpu": [cpu.name, cpu.openvino_capabilities, cpu.flags],
+                          # oneDNN's instruction cap changes the kernels compiled in, as a different CPU would
+                          "isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA", "")},
                          sort_keys=True)
         return self.root / "compiled" / f"{_sha256_bytes(key.encode())[:40]}.blob"
 
