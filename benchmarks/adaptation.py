@@ -34,7 +34,8 @@ from wsiproc.evaluate.scoring import Score  # noqa: E402
 VARIANTS = {
     "paper": {"recipe": "paper"},
     "consistency": {"recipe": "consistency"},
-    "calibrate": {"recipe": "calibrate"},  # confidence re-calibration only, no fine-tuning
+    "calibrate": {"recipe": "calibrate"},  # confidence re-calibration (and, for a foreign cohort, per-slide colours)
+    "calibrate-noslides": {"recipe": "calibrate", "slide_colours": False},  # confidence re-calibration only
     "calibrate-colour": {"recipe": "calibrate", "colour": True},  # and colour alignment
     "consistency-random": {"recipe": "consistency", "random_fraction": 1.0, "colour": True},  # random blocks only
     "consistency-noalign": {"recipe": "consistency", "align": False},

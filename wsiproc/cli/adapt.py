@@ -22,6 +22,9 @@ from .common import merged_options, usage_errors
 @click.option("--align-colour", "colour", is_flag=True,
               help="Calibration also maps the cohort's tissue colours onto the model's training images (off: measured to "
                    "help one new lab and hurt a known one).")
+@click.option("--no-slide-colours", "no_slide_colours", is_flag=True,
+              help="calibrate: never align each slide's colours (by default a cohort judged foreign gets per-slide "
+                   "alignment to the nearest training domain, which every run of the adapted model then repeats).")
 @click.option("--reference", "reference_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The base model's training statistics (default: <model>.reference.json beside it).")
 @click.option("--high", type=float, default=0.8, show_default=True, help="Threshold for hard positives.")
@@ -39,7 +42,7 @@ from .common import merged_options, usage_errors
               help="YAML file of adapt parameters (see configs/adapt.yaml); options given on the command line win.")
 @click.pass_context
 def adapt(ctx: click.Context, inputs: tuple[Path, ...], out_path: Path, model_path: Path | None, mpp: float | None, recipe: str,
-          colour: bool, reference_path: Path | None, high: float,
+          colour: bool, no_slide_colours: bool, reference_path: Path | None, high: float,
           low: float, max_blocks: int, per_slide_cap: int | None, epochs: int, steps_per_epoch: int | None, lr: float, seed: int,
           work_dir: Path | None, no_tissue_mask: bool, scheduler: str | None, config_file: Path | None) -> None:
     """Adapt a model to a new cohort without annotations: calibrate it to the cohort (and, with --recipe consistency
@@ -50,7 +53,8 @@ def adapt(ctx: click.Context, inputs: tuple[Path, ...], out_path: Path, model_pa
     from ..learn.adapt import adapt as run_adapt
     from ..learn.calibrate import Reference
 
-    options = {"recipe": ("recipe", recipe), "colour": ("colour", colour), "high": ("high", high), "low": ("low", low), "max_blocks": ("max_blocks", max_blocks),
+    options = {"recipe": ("recipe", recipe), "colour": ("colour", colour), "slide_colours": ("no_slide_colours", not no_slide_colours),
+               "high": ("high", high), "low": ("low", low), "max_blocks": ("max_blocks", max_blocks),
                "per_slide_cap": ("per_slide_cap", per_slide_cap), "epochs": ("epochs", epochs),
                "steps_per_epoch": ("steps_per_epoch", steps_per_epoch), "learning_rate": ("lr", lr), "seed": ("seed", seed)}
     with usage_errors(ValueError, FileNotFoundError):

@@ -50,12 +50,16 @@ def input_fingerprint(path: Path) -> dict:
     return {"size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def is_complete(out_dir: Path, stem: str, path: Path, cfg: RunConfig, model_sha256: str) -> bool:
+def is_complete(out_dir: Path, stem: str, path: Path, cfg: RunConfig, model_sha256: str,
+                colours_sha256: str | None = None) -> bool:
+    """Whether `<stem>.json` says this input was done with this model (and its per-slide colour alignment, if
+    any), these output parameters, and its outputs are all there."""
     record_path = out_dir / f"{stem}.json"
     try:
         record = json.loads(record_path.read_text())
         same_input = record["input"]["fingerprint"] == input_fingerprint(path)
-        same_model = record["model"]["sha256"] == model_sha256
+        same_model = (record["model"]["sha256"] == model_sha256
+                      and record["model"].get("colours_sha256") == colours_sha256)
         params = cfg.to_dict()
         same_params = all(record["parameters"].get(k) == params[k] for k in OUTPUT_PARAMETERS)
         outputs_there = all((out_dir / name).is_file() for name in record["outputs"].values())
@@ -181,7 +185,7 @@ def process_input(path: Path, out_dir: Path, cfg: RunConfig, predictor: Predicto
         with folder_errors(out_dir, f"cleaning up after an earlier run of {path.name}"):
             remove_leftovers(out_dir, stem)
         # Checked under the claim: a process that finished this input a moment ago has released it by now.
-        if resume and path.is_file() and is_complete(out_dir, stem, path, cfg, predictor.sha256):
+        if resume and path.is_file() and is_complete(out_dir, stem, path, cfg, predictor.sha256, getattr(predictor, "colours_sha256", None)):
             outcome = Outcome(path, "skipped", "outputs complete for this model and parameters")
             echo(f"{path}: already done (outputs complete for this model and parameters); skipped")
         else:

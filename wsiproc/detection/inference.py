@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .colour import DomainColours
 from .engines import ENGINES, PRECISIONS, Choice, describe_machine, load_openvino, resolve  # noqa: F401  (re-exported)
 from .model import DEFAULT_MODEL_PATH, load_model, subpixel_head
 from ..errors import ModelError, ModelNotFoundError
@@ -148,6 +149,16 @@ class Predictor:
             self.geometry = model_geometry(self._keras)
         #: Input sides must be multiples of this (None where an IR from elsewhere does not say).
         self.size_multiple_px: int | None = self.geometry.get("size_multiple_px")
+        #: Per-slide colour alignment `wsiproc adapt` switched on for this model (`<model>.colours.json`), else None.
+        self.colours: DomainColours | None = None
+        self.colours_sha256: str | None = None  # part of what a run's results depend on (resume compares it)
+        self.colours_path = DomainColours.beside(self.model_path)
+        if self.colours_path.is_file():
+            try:
+                self.colours = DomainColours.load(self.colours_path)
+            except ValueError as exc:
+                raise ModelError(str(exc)) from exc
+            self.colours_sha256 = file_sha256(self.colours_path)
         self.startup_s = round(time.perf_counter() - t0, 3)
 
     @property
@@ -167,6 +178,9 @@ class Predictor:
                "startup_s": self.startup_s}
         if self.choice.ir_path is not None:
             out["openvino_model"] = {"path": str(self.choice.ir_path), "sha256": _ir_sha256(self.choice.ir_path)}
+        if self.colours is not None:
+            out["colour_alignment"] = {"path": str(self.colours_path), "sha256": self.colours_sha256,
+                                       "domains": sorted(self.colours.domains)}
         if self.engine == "tensorflow":
             import tensorflow as tf
 

@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..config import RunConfig
+from .colour import DomainColours, SlideColour, sample_tiles
 from .detections import Detections
 from ..errors import problem
 from .inference import Predictor
@@ -150,10 +151,24 @@ def _split_reads(batch: list[tuple[int, int]], reads: list) -> tuple[list, list[
     return [(rc, img) for rc, img, _ in results if img is not None], [f for _, _, f in results if f is not None]
 
 
-def _predict(predictor, images: list[np.ndarray]) -> tuple[np.ndarray, float]:
+def _predict(predictor, images: list[np.ndarray], colour: SlideColour | None = None) -> tuple[np.ndarray, float]:
+    """Confidence maps of a batch and the model's seconds; `colour` aligns the tiles first (not timed)."""
+    x = np.stack(images)
+    if colour is not None:
+        x = colour.apply(x)
     t0 = time.perf_counter()
-    conf = predictor(np.stack(images))
+    conf = predictor(x)
     return conf, time.perf_counter() - t0
+
+
+def slide_colour(sampler: SlideSampler, grid: TileGrid, tiles: list[tuple[int, int]], colours: DomainColours,
+                 strict: bool = False) -> SlideColour | None:
+    """A slide's colour transform from `colours.tiles_per_slide` of its tissue tiles, drawn with `colours.seed`:
+    the same tiles, so the same transform, in every run (and in `wsiproc adapt`, which measures it the same way)."""
+    blocks = halo_tiles(sampler, grid)
+    picked = (read_tile(blocks, tiles[i], strict, Path(sampler.path))[0]
+              for i in sample_tiles(len(tiles), colours.tiles_per_slide, colours.seed))
+    return colours.for_tiles(img for img in picked if img is not None)
 
 
 @functools.lru_cache(maxsize=2)
@@ -161,18 +176,20 @@ def worker_predictor(model_path: str, precision: str = "auto", engine: str = "au
     return Predictor(model_path, precision=precision, engine=engine)
 
 
-def _remote_batch(sampler: SlideSampler, grid: TileGrid, tiles: list[tuple[int, int]], cfg: RunConfig, model_path: str):
+def _remote_batch(sampler: SlideSampler, grid: TileGrid, tiles: list[tuple[int, int]], cfg: RunConfig, model_path: str,
+                  colour: SlideColour | None = None):
     """What a dask worker does with one batch: read, predict, post-process; the model is loaded once per worker."""
     blocks = halo_tiles(sampler, grid)
     ok, failures = _split_reads(tiles, [read_tile(blocks, rc, cfg.strict, Path(sampler.path)) for rc in tiles])
     if not ok:
         return BatchResult(len(tiles), [], failures)
-    conf, t_pred = _predict(worker_predictor(model_path, cfg.precision, cfg.engine), [img for _, img in ok])
+    conf, t_pred = _predict(worker_predictor(model_path, cfg.precision, cfg.engine), [img for _, img in ok], colour)
     found, t_post = _nuclei_of_tiles(grid, [rc for rc, _ in ok], conf, cfg.postprocessor())
     return BatchResult(len(tiles), found, failures, t_pred, t_post)
 
 
-def _local_batches(slide: Slide, sampler: SlideSampler, grid: TileGrid, batches: list, cfg: RunConfig, predictor: Predictor):
+def _local_batches(slide: Slide, sampler: SlideSampler, grid: TileGrid, batches: list, cfg: RunConfig, predictor: Predictor,
+                   colour: SlideColour | None = None):
     """The model never waits for the rest: reads run in a thread pool two batches ahead of it, and each batch's
     post-processing runs in that pool while the model computes the next batch (on a GPU both would otherwise
     leave it idle)."""
@@ -197,7 +214,7 @@ def _local_batches(slide: Slide, sampler: SlideSampler, grid: TileGrid, batches:
             if not ok:
                 post.append((len(batch), pool.submit(lambda: ([], 0.0)), failures, 0.0))
             else:
-                conf, t_pred = _predict(predictor, [img for _, img in ok])
+                conf, t_pred = _predict(predictor, [img for _, img in ok], colour)
                 post.append((len(batch), pool.submit(_nuclei_of_tiles, grid, [rc for rc, _ in ok], conf, cfg.postprocessor()), failures, t_pred))
             while len(post) > 1:
                 yield finished()
@@ -205,11 +222,13 @@ def _local_batches(slide: Slide, sampler: SlideSampler, grid: TileGrid, batches:
             yield finished()
 
 
-def _distributed_batches(client, sampler: SlideSampler, grid: TileGrid, batches: list, cfg: RunConfig, predictor: Predictor):
+def _distributed_batches(client, sampler: SlideSampler, grid: TileGrid, batches: list, cfg: RunConfig, predictor: Predictor,
+                         colour: SlideColour | None = None):
     """One dask task per batch on the cluster; results come back as they finish (order does not matter)."""
     from distributed import as_completed
 
-    futures = [client.submit(_remote_batch, sampler, grid, batch, cfg, str(predictor.model_path), pure=False) for batch in batches]
+    futures = [client.submit(_remote_batch, sampler, grid, batch, cfg, str(predictor.model_path), colour, pure=False)
+               for batch in batches]
     for future in as_completed(futures):
         yield future.result()
 
@@ -224,9 +243,11 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
     sampler = SlideSampler.for_slide(slide, cfg.model_mpp)
     grid, tiles, counts, mask = plan_tiles(sampler, cfg, getattr(predictor, "geometry", None))
     tile_mask_s = round(time.perf_counter() - t_start, 3)
+    colours: DomainColours | None = getattr(predictor, "colours", None)
+    colour = slide_colour(sampler, grid, tiles, colours, cfg.strict) if colours is not None and tiles else None
     batches = list(batched(tiles, cfg.batch_size))
-    source = (_distributed_batches(client, sampler, grid, batches, cfg, predictor) if client is not None
-              else _local_batches(slide, sampler, grid, batches, cfg, predictor))
+    source = (_distributed_batches(client, sampler, grid, batches, cfg, predictor, colour) if client is not None
+              else _local_batches(slide, sampler, grid, batches, cfg, predictor, colour))
 
     parts: list[TileResult] = []
     failed_tiles: list[dict] = []
@@ -249,6 +270,11 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
     warnings = counts.pop("warnings")
     if failed_tiles:
         warnings.append(f"{len(failed_tiles)} tile(s) could not be decoded and were skipped (see failed_tiles)")
+    aligned = {}
+    if colours is not None:  # the model asks for per-slide colour alignment: say what this slide got
+        aligned = {"colour_alignment": colour.to_dict() if colour is not None else None}
+        if colour is None and tiles:
+            warnings.append("colours not aligned: too little tissue in the sampled tiles to measure them")
     return SlideDetections(
         det,
         tiles={**{k: counts.pop(k) for k in _TILE_KEYS if k in counts}, "grid_rows": grid.rows, "grid_cols": grid.cols},
@@ -256,7 +282,7 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
                    "detect_s": round(time.perf_counter() - t_start, 3)},
         figures={**counts, "tile_px": grid.tile_px, "halo_px": grid.halo_px, "model_input_px": grid.block_px,
                  "merged_at_seams": merged, "megapixels_computed": round(len(tiles) * grid.tile_px**2 / 1e6, 3),
-                 "failed_tiles": failed_tiles},
+                 "failed_tiles": failed_tiles, **aligned},
         warnings=warnings, tissue=mask, sampler=sampler,
     )
 

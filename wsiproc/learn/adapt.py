@@ -37,7 +37,8 @@ from ..config import RunConfig
 from ..errors import one_line
 from ..detection.inference import Predictor
 from ..io.files import file_sha256
-from ..detection.loop import batched, plan_tiles, read_tile, worker_predictor
+from ..detection.colour import MIN_TISSUE_PIXELS, DomainColours, SlideColour
+from ..detection.loop import batched, plan_tiles, read_tile, slide_colour, worker_predictor
 from ..detection.postprocess import Postprocess, find_nuclei
 from .calibrate import (PEAK_FLOOR, Calibration, ColourStats, Reference, colour_transform, fold_colour,
                         fold_threshold, recalibrated_threshold, sample_tiles, share_reaching)
@@ -61,6 +62,7 @@ class AdaptConfig:
     recipe: str = "calibrate"  # calibrate | consistency (calibrate, then pseudo-label fine-tuning) | paper (§UDA)
     align: bool = True  # consistency: calibrate first (wsiproc.learn.calibrate)
     colour: bool = False  # calibration also aligns the cohort's colours (measured: helps one lab, hurts others)
+    slide_colours: bool = True  # calibrate: a cohort judged foreign gets per-slide colour alignment (detection.colour)
     calibration_tiles: int = 8  # tiles per slide sampled for the cohort's colour and confidence statistics
     high: float = 0.8
     low: float = 0.5
@@ -283,33 +285,47 @@ def _sampled_tiles(path: Path, run_cfg: RunConfig, geometry, k: int, seed: int):
 
 
 def _peaks_of_tiles(path: Path, run_cfg: RunConfig, predictor: Predictor, k: int, seed: int,
-                    colour: ColourStats | None = None) -> tuple[np.ndarray, int]:
+                    colour: ColourStats | None = None, aligned: SlideColour | None = None) -> tuple[np.ndarray, int]:
     """Confidences of the candidate peaks (>= PEAK_FLOOR) owned by up to `k` random tissue tiles of a slide, and
-    how many tiles that was; `colour`, when given, takes the same tiles' colour moments on the same read."""
+    how many tiles that was; `colour`, when given, takes the same tiles' colour moments on the same read;
+    `aligned` is the slide's colour transform, applied to the tiles as a run would."""
     rule = dataclasses.replace(run_cfg.postprocessor(), threshold=PEAK_FLOOR)
     peaks = [np.zeros(0, np.float32)]
     for grid, (r, col), img in _sampled_tiles(path, run_cfg, getattr(predictor, "geometry", None), k, seed):
         if colour is not None:
             colour.add(img)
-        peaks.append(keep_core(rule(predictor(img[None])[0]), grid, r, col)[2])  # the confidences of its own peaks
+        x = aligned.apply(img[None]) if aligned is not None else img[None]
+        peaks.append(keep_core(rule(predictor(x)[0]), grid, r, col)[2])  # the confidences of its own peaks
     return np.concatenate(peaks), len(peaks) - 1
+
+
+def _slide_colour_of(path: Path, run_cfg: RunConfig, geometry, colours: DomainColours) -> SlideColour | None:
+    """A slide's colour transform exactly as `detect` computes it in a run (same tiles, same seed)."""
+    slide = open_slide(path, run_cfg.mpp)
+    try:
+        sampler = SlideSampler.for_slide(slide, run_cfg.model_mpp)
+        grid, tiles, _, _ = plan_tiles(sampler, run_cfg, geometry)
+        return slide_colour(sampler, grid, tiles, colours, run_cfg.strict) if tiles else None
+    finally:
+        slide.close()
 
 
 def measure_reference(domains: dict[str, tuple[list[Path], float]], predictor: Predictor, run_cfg: RunConfig,
                       tiles_per_image: int = 64, seed: int = 0) -> Reference:
     """A model's `Reference` from its training domains ({name: (image paths, µm/px)}): what calibration aims at."""
-    colour, shares = ColourStats(), {}
+    colour, shares, per_domain = ColourStats(), {}, {}
     for name, (paths, mpp) in domains.items():
         cfg = dataclasses.replace(run_cfg, mpp=mpp)
-        peaks = []
+        peaks, own = [], ColourStats()
         for i, path in enumerate(paths):
-            peaks.append(_peaks_of_tiles(path, cfg, predictor, tiles_per_image, seed + i, colour)[0])
+            peaks.append(_peaks_of_tiles(path, cfg, predictor, tiles_per_image, seed + i, own)[0])
         shares[name] = round(share_reaching(np.concatenate(peaks)), 4)
-    return Reference(colour.mean.round(6).tolist(), colour.cov.round(8).tolist(), shares, str(predictor.model_path))
+        per_domain[name] = {"mean_rgb": own.mean.round(6).tolist(), "cov_rgb": own.cov.round(8).tolist()}
+        colour = colour.merged(own)
+    return Reference(colour.mean.round(6).tolist(), colour.cov.round(8).tolist(), shares, str(predictor.model_path),
+                     per_domain)
 
 
-#: Fewer tissue pixels than this in a cohort's sampled tiles make its colour moments meaningless.
-MIN_TISSUE_PIXELS = 1000
 
 
 def calibrate_cohort(inputs: list[Path], run_cfg: RunConfig, predictor: Predictor, reference: Reference, cfg: AdaptConfig,
@@ -356,14 +372,32 @@ def calibrate_cohort(inputs: list[Path], run_cfg: RunConfig, predictor: Predicto
     peaks = np.concatenate([p for p, _ in per_slide] or [np.zeros(0)])
     n_tiles = sum(n for _, n in per_slide)
     threshold, share = recalibrated_threshold(peaks, reference)
+    colours_file, slide_colours = DomainColours.beside(aligned), {}
+    colours_file.unlink(missing_ok=True)
+    if threshold != 0.5 and cfg.slide_colours and not cfg.colour and reference.domain_colours and cfg.recipe == "calibrate":
+        # A foreign cohort: align each slide to its nearest training domain, then judge the confidences again.
+        echo(f"cohort judged foreign ({share:.0%} of candidate peaks reach 0.5): each slide's colours are aligned "
+             f"to the nearest of the model's training domains ({', '.join(reference.domain_colours)})")
+        colours = DomainColours(reference.domain_colours, cfg.calibration_tiles, cfg.seed, reference.source)
+        per_slide = []
+        for path, seed in readable:
+            slide_colours[str(path)] = sc = _slide_colour_of(path, run_cfg, geometry, colours)
+            per_slide.append(_peaks_of_tiles(path, run_cfg, predictor, cfg.calibration_tiles, seed, aligned=sc))
+        peaks = np.concatenate([p for p, _ in per_slide] or [np.zeros(0)])
+        threshold, share = recalibrated_threshold(peaks, reference)
+        slide_colours = {k: v.to_dict() if v is not None else None for k, v in slide_colours.items()}
     fold_threshold(model, threshold)
     save_model(model, aligned)
+    if slide_colours:
+        colours.save(colours_file)
     calibration = Calibration(a.tolist(), c.tolist(), colour.mean.tolist(), colour.n, round(threshold, 4),
-                              round(share, 4), reference.share_range, n_tiles, int((peaks >= PEAK_FLOOR).sum()))
+                              round(share, 4), reference.share_range, n_tiles, int((peaks >= PEAK_FLOOR).sum()),
+                              slide_colours)
     from ..io.files import atomic_write_text
 
     atomic_write_text(record, json.dumps(asdict(calibration), indent=1))
-    colour_note = "colours aligned to the model's training images" if cfg.colour else "colours as they are"
+    colour_note = ("colours aligned to the model's training images" if cfg.colour else
+                   "each slide's colours aligned to its nearest training domain" if slide_colours else "colours as they are")
     echo(f"cohort calibration ({colour_note}; {colour.n} tissue pixels from {n_tiles} tiles): "
          f"{share:.0%} of candidate peaks reach 0.5 (training domains: {reference.share_range[0]:.0%}–{reference.share_range[1]:.0%}) "
          f"-> threshold {threshold:.2f} folded into the model")
@@ -463,6 +497,9 @@ def adapt(inputs: list[Path], out_path: Path, work_dir: Path, run_cfg: RunConfig
     `epochs=0` stops after the calibration whatever the recipe.
     """
     cfg.validate()
+    if getattr(predictor, "colours", None) is not None:
+        raise ValueError(f"{predictor.model_path}: this model aligns each slide's colours ({predictor.colours_path.name}); "
+                         "adapt the model it was adapted from instead")
     work_dir.mkdir(parents=True, exist_ok=True)
     base, calibration, t_cal = predictor, None, time.perf_counter()
     if cfg.aligns:
@@ -484,6 +521,7 @@ def adapt(inputs: list[Path], out_path: Path, work_dir: Path, run_cfg: RunConfig
         from ..detection.model import load_model, save_model
 
         save_model(load_model(predictor.model_path), out_path)
+        _place_colours(predictor, out_path)
         cohort = [{"path": str(p), "sha256": file_sha256(p)} for p in inputs]
         return _write_provenance(out_path, base, cfg, run_cfg, calibration, calibration_s, cohort)
     store, mining_s = _mine_cohort(inputs, run_cfg, cfg, predictor, work_dir, echo, client)
@@ -498,6 +536,7 @@ def adapt(inputs: list[Path], out_path: Path, work_dir: Path, run_cfg: RunConfig
     t1 = time.perf_counter()
     state = train(StoreSampler(store, train_cfg), out_path, train_cfg, checkpoint_dir=work_dir / "checkpoints",
                   init_model=predictor.model_path, verbose=2)
+    _place_colours(predictor, out_path)  # none for fine-tuning recipes: their mining does not align colours
     cohort = [{k: s[k] for k in ("path", "sha256", "hard_positives", "blocks", "tissue_mm2", "warnings")} for s in store.slides]
     return _write_provenance(out_path, base, cfg, run_cfg, calibration, calibration_s, cohort, {
         "blocks": len(store),
@@ -505,6 +544,16 @@ def adapt(inputs: list[Path], out_path: Path, work_dir: Path, run_cfg: RunConfig
         "mining_s": round(mining_s, 1),
         "fine_tune_s": round(time.perf_counter() - t1, 1),
     })
+
+
+def _place_colours(predictor: Predictor, out_path: Path) -> None:
+    """The adapted model's `<out>.colours.json` when calibration asked for per-slide alignment; a stale one from an
+    earlier adapt to the same path is removed, so that a run never aligns for a model that did not ask for it."""
+    target = DomainColours.beside(out_path)
+    if predictor.colours is not None:
+        predictor.colours.save(target)
+    else:
+        target.unlink(missing_ok=True)
 
 
 def _write_provenance(out_path: Path, base: Predictor, cfg: AdaptConfig, run_cfg: RunConfig, calibration: Calibration | None,
@@ -515,6 +564,7 @@ def _write_provenance(out_path: Path, base: Predictor, cfg: AdaptConfig, run_cfg
     provenance = {
         "base_model": {"path": str(base.model_path), "sha256": base.sha256},
         "adapted_model_sha256": file_sha256(out_path),
+        "colour_alignment": (str(DomainColours.beside(out_path)) if DomainColours.beside(out_path).is_file() else None),
         "cohort": cohort,
         "recipe": cfg.recipe,
         "thresholds": {"high": cfg.high, "low": cfg.low},

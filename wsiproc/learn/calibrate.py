@@ -14,6 +14,11 @@ trained on, so it is not applied unasked.
   range the training domains showed, the threshold `t` that restores the nearest end of that range is folded
   into the last layer's bias (`b − logit(t)`), so that 0.5 on the adapted model means `t` on the aligned one.
   A cohort inside the range is left alone: adapting "just in case" on familiar data changes nothing here.
+- **Per-slide colour alignment** (the default where the reference has each training domain's colours): for a
+  cohort judged foreign by the rule above, every slide's colours are mapped onto its nearest training domain
+  (`wsiproc.detection.colour`), the threshold is measured again on the aligned slides, and the adapted model gets
+  a `<model>.colours.json` that makes every later run align each slide the same way. Unlike the cohort-wide
+  colour fold above it moves no other lab's slides.
 
 What "trained on" looked like is a `Reference` (JSON beside the model, `<model>.reference.json`), measured
 once from the training domains by `benchmarks/reference_stats.py`.
@@ -21,10 +26,12 @@ once from the training domains by `benchmarks/reference_stats.py`.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..detection.colour import ColourStats, DomainColours, affine_onto, sample_tiles  # noqa: F401 (re-exported)
 
 #: Candidate peaks below this confidence are not counted: they are the map's noise floor in every domain.
 PEAK_FLOOR = 0.1
@@ -33,35 +40,6 @@ PEAK_FLOOR = 0.1
 SHARE_TOLERANCE = 0.005
 #: The re-calibrated threshold stays within these bounds whatever the cohort looks like.
 THRESHOLD_BOUNDS = (0.2, 0.8)
-#: A pixel is tissue for the colour statistics when its darkest channel is below this (of 255): not glass.
-TISSUE_MIN_CHANNEL = 216
-
-
-@dataclass
-class ColourStats:
-    """Running first and second moments of tissue RGB in [0, 1]: merged over tiles, slides, domains."""
-
-    n: int = 0
-    sum_rgb: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    sum_outer: tuple[tuple[float, ...], ...] = ((0.0,) * 3,) * 3
-
-    def add(self, rgb_uint8: np.ndarray, step: int = 2) -> "ColourStats":
-        """Add the tissue pixels of an (h, w, 3) uint8 image, every `step`-th row and column."""
-        px = np.asarray(rgb_uint8)[::step, ::step, :3].reshape(-1, 3)
-        px = px[px.min(axis=1) < TISSUE_MIN_CHANNEL].astype(np.float64) / 255.0
-        self.n += len(px)
-        self.sum_rgb = tuple(np.asarray(self.sum_rgb) + px.sum(axis=0))
-        self.sum_outer = tuple(map(tuple, np.asarray(self.sum_outer) + px.T @ px))
-        return self
-
-    @property
-    def mean(self) -> np.ndarray:
-        return np.asarray(self.sum_rgb) / max(self.n, 1)
-
-    @property
-    def cov(self) -> np.ndarray:
-        m = self.mean
-        return np.asarray(self.sum_outer) / max(self.n, 1) - np.outer(m, m)
 
 
 @dataclass
@@ -72,6 +50,8 @@ class Reference:
     cov_rgb: list[list[float]]
     confident_share: dict[str, float]  # per training domain: share of peaks >= PEAK_FLOOR that reach 0.5
     source: str = ""
+    #: per training domain: its tissue colour moments {"mean_rgb", "cov_rgb"} (per-slide alignment's targets)
+    domain_colours: dict[str, dict[str, list]] = field(default_factory=dict)
 
     @property
     def share_range(self) -> tuple[float, float]:
@@ -96,17 +76,9 @@ class Reference:
         return p.with_name(p.stem + ".reference.json")
 
 
-def _sqrtm_spd(m: np.ndarray, inverse: bool = False) -> np.ndarray:
-    """Square root (or its inverse) of a symmetric positive definite matrix, through its eigenvectors."""
-    w, v = np.linalg.eigh((m + m.T) / 2)
-    w = np.maximum(w, 1e-8)
-    return (v * (w ** (-0.5 if inverse else 0.5))) @ v.T
-
-
 def colour_transform(cohort: ColourStats, reference: Reference) -> tuple[np.ndarray, np.ndarray]:
     """(A, c) with `A @ rgb + c` giving the cohort's tissue the reference's mean and covariance."""
-    a = _sqrtm_spd(np.asarray(reference.cov_rgb)) @ _sqrtm_spd(cohort.cov, inverse=True)
-    return a, np.asarray(reference.mean_rgb) - a @ cohort.mean
+    return affine_onto(cohort, reference.mean_rgb, reference.cov_rgb)
 
 
 def share_reaching(peaks: np.ndarray, threshold: float = 0.5) -> float:
@@ -177,10 +149,6 @@ class Calibration:
     reference_share_range: tuple[float, float]
     tiles: int
     peaks: int
-
-
-def sample_tiles(n_tiles: int, k: int, seed: int) -> list[int]:
-    """Indices of up to `k` tiles of a slide, drawn without replacement (all when it has no more)."""
-    if n_tiles <= k:
-        return list(range(n_tiles))
-    return sorted(np.random.default_rng(seed).choice(n_tiles, k, replace=False).tolist())
+    #: per-slide colour alignment (a cohort judged foreign, a reference with domain colours): slide → its
+    #: transform as `run` will compute it; the threshold above is then measured on the aligned slides
+    slide_colours: dict[str, dict | None] = field(default_factory=dict)

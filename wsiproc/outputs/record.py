@@ -41,7 +41,8 @@ class RunRecord:
         return cls(
             input={**slide_summary(slide), **(extra_input or {})},
             model={"path": str(predictor.model_path), "sha256": predictor.sha256, "device": predictor.device,
-                   "precision": getattr(predictor, "precision", "float32")},
+                   "precision": getattr(predictor, "precision", "float32"),
+                   **({"colours_sha256": predictor.colours_sha256} if getattr(predictor, "colours_sha256", None) else {})},
             engine=engine_record(predictor),
             parameters=cfg.to_dict(),
             mpp_used=slide.require_mpp(),
