@@ -155,3 +155,17 @@ def test_adapt_aligns_a_foreign_cohort_per_slide_and_runs_repeat_its_transform(t
     assert plain.exit_code == 0, plain.output
     assert not DomainColours.beside(out).exists()
     assert json.loads(out.with_suffix(".json").read_text())["calibration"]["slide_colours"] == {}
+
+
+def test_explain_shows_the_network_the_slide_as_a_run_aligns_it(shared_data: Path, aligning_model: Path, tmp_path: Path) -> None:
+    from wsiproc.evaluate.explain import _slide_colour, explain_slide
+
+    path = shared_data / "monuseg-train" / "images" / MONUSEG_IMAGE
+    slide = open_slide(path, mpp=0.25)
+    aligning = Predictor(aligning_model, engine="openvino", precision="bfloat16")
+    cfg = RunConfig(model_path=str(aligning_model), mpp=0.25)
+    in_a_run = detect(slide, cfg, aligning).figures["colour_alignment"]
+    assert _slide_colour(slide, cfg, aligning).to_dict() == in_a_run
+    assert _slide_colour(slide, cfg, Predictor(DEFAULT_MODEL_PATH, engine="openvino")) is None
+    panel = explain_slide(path, tmp_path, aligning_model, n=4, mpp=0.25)
+    assert panel.is_file() and panel.stat().st_size > 10_000

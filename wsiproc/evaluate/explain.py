@@ -252,14 +252,15 @@ def explain_slide(path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     try:
         slide.require_mpp()
         predictor = Predictor(cfg.model_path)
-        det_x, det_y, region = _detect_sample_region(slide, cfg, predictor, region_px, seed)
+        colour = _slide_colour(slide, cfg, predictor)
+        det_x, det_y, region = _detect_sample_region(slide, cfg, predictor, region_px, seed, colour)
         if len(det_x) == 0:
             where = (f"in the {region[2]}×{region[2]} px region at x {region[1]}, y {region[0]} (0.5 µm/px; try another --seed)"
                      if region else "on the slide")
             raise ValueError(f"{path}: no nuclei detected {where}; nothing to explain")
         rng = np.random.default_rng(seed)
         chosen = np.sort(rng.choice(len(det_x), size=min(n, len(det_x)), replace=False))
-        blocks = _explain_blocks(slide, predictor.model, det_x[chosen], det_y[chosen], rule)
+        blocks = _explain_blocks(slide, predictor.model, det_x[chosen], det_y[chosen], rule, colour)
     finally:
         slide.close()
     out = Path(out_dir)
@@ -273,7 +274,20 @@ def explain_slide(path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     return target
 
 
-def _detect_sample_region(slide, cfg, predictor, region_px: int | None, seed: int):
+def _slide_colour(slide, cfg, predictor):
+    """The slide's colour transform when the model asks for per-slide alignment (as a run computes it), else None:
+    the network is explained on the pixels it sees in a run."""
+    if getattr(predictor, "colours", None) is None:
+        return None
+    from ..detection.loop import plan_tiles, slide_colour
+    from ..detection.tiling import SlideSampler
+
+    sampler = SlideSampler.for_slide(slide, cfg.model_mpp)
+    grid, tiles, _, _ = plan_tiles(sampler, cfg, getattr(predictor, "geometry", None))
+    return slide_colour(sampler, grid, tiles, predictor.colours, cfg.strict) if tiles else None
+
+
+def _detect_sample_region(slide, cfg, predictor, region_px: int | None, seed: int, colour=None):
     """Detections (level-0 x, y) in one random tissue region, or on the whole slide when it is small."""
     from ..io.resample import map_coords
     from ..detection.stitch import owned
@@ -302,6 +316,8 @@ def _detect_sample_region(slide, cfg, predictor, region_px: int | None, seed: in
     x0 = int(np.clip(round(cx - side / 2), 0, max(0, w - side)))
     halo = cfg.halo_for(geometry)
     tile = sampler.read(y0 - halo, x0 - halo, side + 2 * halo, side + 2 * halo)
+    if colour is not None:
+        tile = colour.apply(tile)
     found = cfg.postprocessor()(predictor(tile[None])[0])
     keep = owned(found.y, found.x, (halo, halo, halo + side, halo + side))
     level0_mpp = slide.require_mpp()
@@ -310,8 +326,9 @@ def _detect_sample_region(slide, cfg, predictor, region_px: int | None, seed: in
     return np.atleast_1d(x), np.atleast_1d(y), (y0, x0, side)
 
 
-def _explain_blocks(slide, model, x_px: np.ndarray, y_px: np.ndarray, rule: str) -> list[ExplainedBlock]:
-    """Cut the 64×64 blocks (0.5 µm/px) centred on the detections, run the model and LRP on them."""
+def _explain_blocks(slide, model, x_px: np.ndarray, y_px: np.ndarray, rule: str, colour=None) -> list[ExplainedBlock]:
+    """Cut the 64×64 blocks (0.5 µm/px) centred on the detections (colour-aligned as in a run, when the model
+    asks for it), run the model and LRP on them."""
     from ..io.resample import map_coords
     from ..detection.tiling import SlideSampler
 
@@ -321,7 +338,8 @@ def _explain_blocks(slide, model, x_px: np.ndarray, y_px: np.ndarray, rule: str)
     rgb, targets = [], []
     for x, y in zip(x_px, y_px):
         v, u = int(round(float(map_coords(y, level0_mpp, MODEL_MPP)))), int(round(float(map_coords(x, level0_mpp, MODEL_MPP))))
-        rgb.append(sampler.read(v - half, u - half, BLOCK_PX, BLOCK_PX))
+        block = sampler.read(v - half, u - half, BLOCK_PX, BLOCK_PX)
+        rgb.append(colour.apply(block) if colour is not None else block)
         targets.append((half, half))
     blocks01 = np.stack(rgb).astype(np.float32) / 255.0
     confidence = np.asarray(model(blocks01, training=False))[..., 0]
