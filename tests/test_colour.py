@@ -157,6 +157,21 @@ def test_adapt_aligns_a_foreign_cohort_per_slide_and_runs_repeat_its_transform(t
     assert json.loads(out.with_suffix(".json").read_text())["calibration"]["slide_colours"] == {}
 
 
+def test_an_aligned_slide_gives_the_same_nuclei_whatever_the_tiles_and_the_tissue_mask(shared_data: Path, aligning_model: Path) -> None:
+    from scipy.spatial import cKDTree
+
+    slide = open_slide(shared_data / "monuseg-train" / "images" / MONUSEG_IMAGE, mpp=0.25)
+    aligning = Predictor(aligning_model, engine="openvino", precision="bfloat16")
+    untiled = detect(slide, RunConfig(tile_px=512, tissue_mask=False), aligning)  # one tile: no seams
+    assert len(untiled.detections) > 100
+    for cfg in (RunConfig(tile_px=128, tissue_mask=False), RunConfig(tile_px=200, tissue_mask=True)):
+        tiled = detect(slide, cfg, aligning)
+        assert tiled.figures["colour_alignment"] == untiled.figures["colour_alignment"]
+        assert len(tiled.detections) == len(untiled.detections)
+        dist, _ = cKDTree(untiled.detections.xy).query(tiled.detections.xy)
+        assert dist.max() <= 0.5
+
+
 def test_explain_shows_the_network_the_slide_as_a_run_aligns_it(shared_data: Path, aligning_model: Path, tmp_path: Path) -> None:
     from wsiproc.evaluate.explain import _slide_colour, explain_slide
 

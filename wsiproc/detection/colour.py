@@ -9,8 +9,9 @@ judged foreign, and every run of that model then aligns each slide on its own. P
 into the network: a transform folded into the weights moves every other lab too (measured: CoNSeP −0.058).
 
 The transform is affine in RGB (whitening by the slide's tissue covariance, colouring by the domain's), measured
-on a fixed random sample of the slide's tissue tiles at the model's resolution, so every tile of a slide gets the
-same transform (seams stay seamless) and a rerun gets the same one (resume).
+on a fixed random sample of 256² windows of the slide's tissue at the model's resolution (`loop.slide_colour`),
+so every tile of a slide gets the same transform (seams stay seamless), whatever the tile size, and a rerun gets
+the same one (resume).
 """
 from __future__ import annotations
 

@@ -161,14 +161,32 @@ def _predict(predictor, images: list[np.ndarray], colour: SlideColour | None = N
     return conf, time.perf_counter() - t0
 
 
-def slide_colour(sampler: SlideSampler, grid: TileGrid, tiles: list[tuple[int, int]], colours: DomainColours,
-                 strict: bool = False) -> SlideColour | None:
-    """A slide's colour transform from `colours.tiles_per_slide` of its tissue tiles, drawn with `colours.seed`:
-    the same tiles, so the same transform, in every run (and in `wsiproc adapt`, which measures it the same way)."""
-    blocks = halo_tiles(sampler, grid)
-    picked = (read_tile(blocks, tiles[i], strict, Path(sampler.path))[0]
-              for i in sample_tiles(len(tiles), colours.tiles_per_slide, colours.seed))
-    return colours.for_tiles(img for img in picked if img is not None)
+#: Side of the windows a slide's colour moments are measured on (at the model's resolution).
+COLOUR_WINDOW_PX = 256
+
+
+def slide_colour(sampler: SlideSampler, colours: DomainColours, mask: TissueMask | None = None) -> SlideColour | None:
+    """A slide's colour transform from `colours.tiles_per_slide` windows of 256² px touching tissue, drawn with
+    `colours.seed`. The windows do not depend on the tile size, the tissue-mask switch or the engine, so neither do
+    the transform and the nuclei; and `wsiproc adapt` measures a slide with this same function. `mask`: the run's
+    tissue mask, else one is made here (all windows where the slide has none to give)."""
+    if mask is None:
+        try:
+            mask = tissue_mask(sampler)
+        except Exception:  # an undecodable overview: the run says so already; every window may be drawn
+            mask = None
+    h, w = sampler.shape_hw()
+    windows = TileGrid(h, w, COLOUR_WINDOW_PX, 0, 1)
+    candidates = (mask.tiles_touching(windows, sampler.mpp) if mask is not None
+                  else [(r, c) for r in range(windows.rows) for c in range(windows.cols)])
+    images = []
+    for i in sample_tiles(len(candidates), colours.tiles_per_slide, colours.seed):
+        y0, x0, y1, x1 = windows.core(*candidates[i])
+        try:
+            images.append(sampler.read(y0, x0, y1 - y0, x1 - x0))
+        except Exception:  # an undecodable region: measured without it (its tiles are reported by the run)
+            continue
+    return colours.for_tiles(images)
 
 
 @functools.lru_cache(maxsize=2)
@@ -244,7 +262,7 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
     grid, tiles, counts, mask = plan_tiles(sampler, cfg, getattr(predictor, "geometry", None))
     tile_mask_s = round(time.perf_counter() - t_start, 3)
     colours: DomainColours | None = getattr(predictor, "colours", None)
-    colour = slide_colour(sampler, grid, tiles, colours, cfg.strict) if colours is not None and tiles else None
+    colour = slide_colour(sampler, colours, mask) if colours is not None and tiles else None
     batches = list(batched(tiles, cfg.batch_size))
     source = (_distributed_batches(client, sampler, grid, batches, cfg, predictor, colour) if client is not None
               else _local_batches(slide, sampler, grid, batches, cfg, predictor, colour))

@@ -279,12 +279,10 @@ def _slide_colour(slide, cfg, predictor):
     the network is explained on the pixels it sees in a run."""
     if getattr(predictor, "colours", None) is None:
         return None
-    from ..detection.loop import plan_tiles, slide_colour
+    from ..detection.loop import slide_colour
     from ..detection.tiling import SlideSampler
 
-    sampler = SlideSampler.for_slide(slide, cfg.model_mpp)
-    grid, tiles, _, _ = plan_tiles(sampler, cfg, getattr(predictor, "geometry", None))
-    return slide_colour(sampler, grid, tiles, predictor.colours, cfg.strict) if tiles else None
+    return slide_colour(SlideSampler.for_slide(slide, cfg.model_mpp), predictor.colours)
 
 
 def _detect_sample_region(slide, cfg, predictor, region_px: int | None, seed: int, colour=None):

@@ -299,13 +299,11 @@ def _peaks_of_tiles(path: Path, run_cfg: RunConfig, predictor: Predictor, k: int
     return np.concatenate(peaks), len(peaks) - 1
 
 
-def _slide_colour_of(path: Path, run_cfg: RunConfig, geometry, colours: DomainColours) -> SlideColour | None:
-    """A slide's colour transform exactly as `detect` computes it in a run (same tiles, same seed)."""
+def _slide_colour_of(path: Path, run_cfg: RunConfig, colours: DomainColours) -> SlideColour | None:
+    """A slide's colour transform exactly as `detect` computes it in a run."""
     slide = open_slide(path, run_cfg.mpp)
     try:
-        sampler = SlideSampler.for_slide(slide, run_cfg.model_mpp)
-        grid, tiles, _, _ = plan_tiles(sampler, run_cfg, geometry)
-        return slide_colour(sampler, grid, tiles, colours, run_cfg.strict) if tiles else None
+        return slide_colour(SlideSampler.for_slide(slide, run_cfg.model_mpp), colours)
     finally:
         slide.close()
 
@@ -381,7 +379,7 @@ def calibrate_cohort(inputs: list[Path], run_cfg: RunConfig, predictor: Predicto
         colours = DomainColours(reference.domain_colours, cfg.calibration_tiles, cfg.seed, reference.source)
         per_slide = []
         for path, seed in readable:
-            slide_colours[str(path)] = sc = _slide_colour_of(path, run_cfg, geometry, colours)
+            slide_colours[str(path)] = sc = _slide_colour_of(path, run_cfg, colours)
             per_slide.append(_peaks_of_tiles(path, run_cfg, predictor, cfg.calibration_tiles, seed, aligned=sc))
         peaks = np.concatenate([p for p, _ in per_slide] or [np.zeros(0)])
         threshold, share = recalibrated_threshold(peaks, reference)
