@@ -184,3 +184,27 @@ def test_explain_shows_the_network_the_slide_as_a_run_aligns_it(shared_data: Pat
     assert _slide_colour(slide, cfg, Predictor(DEFAULT_MODEL_PATH, engine="openvino")) is None
     panel = explain_slide(path, tmp_path, aligning_model, n=4, mpp=0.25)
     assert panel.is_file() and panel.stat().st_size > 10_000
+
+
+def test_consistency_mines_blocks_as_the_aligning_model_sees_them(shared_data: Path, aligning_model: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from wsiproc.detection.loop import slide_colour
+    from wsiproc.detection.tiling import SlideSampler
+    from wsiproc.learn.adapt import AdaptConfig, mine_slide
+
+    path = tmp_path / "img17.png"
+    Image.open(shared_data / "crc-dev" / "images" / "img17.png").convert("RGB").save(path)
+    aligning = Predictor(aligning_model, engine="openvino", precision="bfloat16")
+    cfg = AdaptConfig(recipe="consistency", views=1, block_px=64)
+    mined = mine_slide(path, RunConfig(mpp=0.55), aligning, cfg, cap=12, seed=0)
+    assert len(mined.images) >= 4
+    slide = open_slide(path, mpp=0.55)
+    sampler = SlideSampler.for_slide(slide, 0.5)
+    colour = slide_colour(sampler, aligning.colours)
+    assert colour is not None
+    for block, (x, y) in zip(mined.images, mined.positions):
+        # read again on its own: resampling a 64-px box instead of the whole tile moves a few values by 1-4 levels
+        raw = sampler.read(int(y) - 32, int(x) - 32, 64, 64).astype(int)
+        assert np.abs(block - colour.apply(raw.astype(np.uint8)).astype(int)).mean() < 1.0
+        assert np.abs(block - raw).mean() > 5.0  # the colours did move

@@ -16,14 +16,15 @@ from .common import merged_options, usage_errors
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Base model (default: the shipped one).")
 @click.option("--mpp", type=float, help="Pixel size in µm/px for inputs that do not store it.")
 @click.option("--recipe", type=click.Choice(["calibrate", "consistency", "paper"]), default="calibrate", show_default=True,
-              help="calibrate: align the cohort's colours and re-calibrate confidences to the model's training data, "
-                   "folded into the weights; consistency: calibrate, then fine-tune on pseudo-nuclei that survive "
-                   "test-time views; paper: the paper's recipe, for reproduction.")
+              help="calibrate: for a cohort unlike the model's training data, align each slide's colours to the "
+                   "nearest training domain and re-calibrate confidences (folded into the weights); consistency: "
+                   "calibrate, then fine-tune on pseudo-nuclei that survive test-time views; paper: the paper's "
+                   "recipe, for reproduction.")
 @click.option("--align-colour", "colour", is_flag=True,
               help="Calibration also maps the cohort's tissue colours onto the model's training images (off: measured to "
                    "help one new lab and hurt a known one).")
 @click.option("--no-slide-colours", "no_slide_colours", is_flag=True,
-              help="calibrate: never align each slide's colours (by default a cohort judged foreign gets per-slide "
+              help="Calibration never aligns each slide's colours (by default a cohort judged foreign gets per-slide "
                    "alignment to the nearest training domain, which every run of the adapted model then repeats).")
 @click.option("--reference", "reference_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The base model's training statistics (default: <model>.reference.json beside it).")

@@ -62,7 +62,7 @@ class AdaptConfig:
     recipe: str = "calibrate"  # calibrate | consistency (calibrate, then pseudo-label fine-tuning) | paper (§UDA)
     align: bool = True  # consistency: calibrate first (wsiproc.learn.calibrate)
     colour: bool = False  # calibration also aligns the cohort's colours (measured: helps one lab, hurts others)
-    slide_colours: bool = True  # calibrate: a cohort judged foreign gets per-slide colour alignment (detection.colour)
+    slide_colours: bool = True  # calibration: a cohort judged foreign gets per-slide colour alignment (detection.colour)
     calibration_tiles: int = 8  # tiles per slide sampled for the cohort's colour and confidence statistics
     high: float = 0.8
     low: float = 0.5
@@ -210,8 +210,10 @@ def mine_slide(path: Path, run_cfg: RunConfig, predictor: Predictor, cfg: AdaptC
     slide = open_slide(path, run_cfg.mpp)
     try:
         sampler = SlideSampler.for_slide(slide, run_cfg.model_mpp)
-        grid, tiles, info, _ = plan_tiles(sampler, run_cfg, getattr(predictor, "geometry", None))
+        grid, tiles, info, mask = plan_tiles(sampler, run_cfg, getattr(predictor, "geometry", None))
         blocks = halo_tiles(sampler, grid)
+        colours = getattr(predictor, "colours", None)  # a calibrated model aligning each slide: mine what it will see
+        colour = slide_colour(sampler, colours, mask) if colours is not None and tiles else None
         rng = np.random.default_rng(seed)
         b, half = cfg.block_px, cfg.block_px // 2
         consistency = cfg.recipe == "consistency"
@@ -234,7 +236,7 @@ def mine_slide(path: Path, run_cfg: RunConfig, predictor: Predictor, cfg: AdaptC
 
         for batch in batched(tiles, run_cfg.batch_size):
             reads = [(rc, read_tile(blocks, rc, run_cfg.strict, slide.path)[0]) for rc in batch]
-            reads = [(rc, img) for rc, img in reads if img is not None]
+            reads = [(rc, img if colour is None else colour.apply(img)) for rc, img in reads if img is not None]
             if not reads:
                 continue
             stack = np.stack([img for _, img in reads])
@@ -372,7 +374,7 @@ def calibrate_cohort(inputs: list[Path], run_cfg: RunConfig, predictor: Predicto
     threshold, share = recalibrated_threshold(peaks, reference)
     colours_file, slide_colours = DomainColours.beside(aligned), {}
     colours_file.unlink(missing_ok=True)
-    if threshold != 0.5 and cfg.slide_colours and not cfg.colour and reference.domain_colours and cfg.recipe == "calibrate":
+    if threshold != 0.5 and cfg.slide_colours and not cfg.colour and reference.domain_colours:
         # A foreign cohort: align each slide to its nearest training domain, then judge the confidences again.
         echo(f"cohort judged foreign ({share:.0%} of candidate peaks reach 0.5): each slide's colours are aligned "
              f"to the nearest of the model's training domains ({', '.join(reference.domain_colours)})")
@@ -534,7 +536,7 @@ def adapt(inputs: list[Path], out_path: Path, work_dir: Path, run_cfg: RunConfig
     t1 = time.perf_counter()
     state = train(StoreSampler(store, train_cfg), out_path, train_cfg, checkpoint_dir=work_dir / "checkpoints",
                   init_model=predictor.model_path, verbose=2)
-    _place_colours(predictor, out_path)  # none for fine-tuning recipes: their mining does not align colours
+    _place_colours(predictor, out_path)  # the blocks were mined aligned: the fine-tuned model aligns the same way
     cohort = [{k: s[k] for k in ("path", "sha256", "hard_positives", "blocks", "tissue_mm2", "warnings")} for s in store.slides]
     return _write_provenance(out_path, base, cfg, run_cfg, calibration, calibration_s, cohort, {
         "blocks": len(store),
