@@ -73,7 +73,7 @@ def aligning_model(tmp_path_factory) -> Path:
     model = Path(shutil.copy(DEFAULT_MODEL_PATH, folder / "adapted.keras"))
     reference = Reference.load(Reference.beside(DEFAULT_MODEL_PATH))
     assert set(reference.domain_colours) == {"monuseg", "crc", "brca", "consep"}
-    DomainColours(reference.domain_colours, tiles_per_slide=4, seed=0).save(DomainColours.beside(model))
+    DomainColours(reference.domain_colours, windows_per_slide=4, seed=0).save(DomainColours.beside(model))
     return model
 
 
@@ -189,7 +189,7 @@ def test_explain_shows_the_network_the_slide_as_a_run_aligns_it(shared_data: Pat
 def test_consistency_mines_blocks_as_the_aligning_model_sees_them(shared_data: Path, aligning_model: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    from wsiproc.detection.loop import slide_colour
+    from wsiproc.detection.colour import slide_colour
     from wsiproc.detection.tiling import SlideSampler
     from wsiproc.learn.adapt import AdaptConfig, mine_slide
 

@@ -9,18 +9,25 @@ judged foreign, and every run of that model then aligns each slide on its own. P
 into the network: a transform folded into the weights moves every other lab too (measured: CoNSeP −0.058).
 
 The transform is affine in RGB (whitening by the slide's tissue covariance, colouring by the domain's), measured
-on a fixed random sample of 256² windows of the slide's tissue at the model's resolution (`loop.slide_colour`),
+on a fixed random sample of 256² windows of the slide's tissue at the model's resolution (`slide_colour`),
 so every tile of a slide gets the same transform (seams stay seamless), whatever the tile size, and a rerun gets
 the same one (resume).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
+
+from .tiling import TileGrid
+from .tissue import tissue_mask
+
+if TYPE_CHECKING:
+    from .tiling import SlideSampler
+    from .tissue import TissueMask
 
 #: A pixel is tissue for the colour statistics when its darkest channel is below this (of 255): not glass.
 TISSUE_MIN_CHANNEL = 216
@@ -114,10 +121,9 @@ class DomainColours:
     """The tissue colour moments of a model's training domains, and how a slide's own moments are sampled."""
 
     domains: dict[str, dict[str, list]]  # name → {"mean_rgb": [3], "cov_rgb": [3][3]}
-    tiles_per_slide: int = 8
+    windows_per_slide: int = 8  # 256² tissue windows a slide's own moments are measured on (`slide_colour`)
     seed: int = 0
     source: str = ""
-    extra: dict = field(default_factory=dict)  # what wrote it (adapt: the cohort's calibration), for the record
 
     SUFFIX = ".colours.json"
 
@@ -157,8 +163,36 @@ class DomainColours:
         return SlideColour(near, distance[near], tuple(map(tuple, a.tolist())), tuple(c.tolist()), stats.n)
 
     def for_tiles(self, images: Iterable[np.ndarray]) -> SlideColour | None:
-        """The transform for a slide from its sampled tissue tiles (uint8, at the model's resolution)."""
+        """The transform for a slide from images of its tissue (uint8, at the model's resolution)."""
         stats = ColourStats()
         for img in images:
             stats.add(img)
         return self.for_stats(stats)
+
+
+#: Side of the windows a slide's colour moments are measured on (at the model's resolution).
+COLOUR_WINDOW_PX = 256
+
+
+def slide_colour(sampler: SlideSampler, colours: DomainColours, mask: TissueMask | None = None) -> SlideColour | None:
+    """A slide's colour transform from `colours.windows_per_slide` windows of 256² px touching tissue, drawn with
+    `colours.seed`. The windows do not depend on the tile size, the tissue-mask switch or the engine, so neither do
+    the transform and the nuclei; and `wsiproc adapt` measures a slide with this same function. `mask`: the run's
+    tissue mask, else one is made here (all windows where the slide has none to give)."""
+    if mask is None:
+        try:
+            mask = tissue_mask(sampler)
+        except Exception:  # an undecodable overview: the run says so already; every window may be drawn
+            mask = None
+    h, w = sampler.shape_hw()
+    windows = TileGrid(h, w, COLOUR_WINDOW_PX, 0, 1)
+    candidates = (mask.tiles_touching(windows, sampler.mpp) if mask is not None
+                  else [(r, c) for r in range(windows.rows) for c in range(windows.cols)])
+    images = []
+    for i in sample_tiles(len(candidates), colours.windows_per_slide, colours.seed):
+        y0, x0, y1, x1 = windows.core(*candidates[i])
+        try:
+            images.append(sampler.read(y0, x0, y1 - y0, x1 - x0))
+        except Exception:  # an undecodable region: measured without it (its tiles are reported by the run)
+            continue
+    return colours.for_tiles(images)

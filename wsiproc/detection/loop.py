@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..config import RunConfig
-from .colour import DomainColours, SlideColour, sample_tiles
+from .colour import DomainColours, SlideColour, slide_colour
 from .detections import Detections
 from ..errors import problem
 from .inference import Predictor
@@ -159,34 +159,6 @@ def _predict(predictor, images: list[np.ndarray], colour: SlideColour | None = N
     t0 = time.perf_counter()
     conf = predictor(x)
     return conf, time.perf_counter() - t0
-
-
-#: Side of the windows a slide's colour moments are measured on (at the model's resolution).
-COLOUR_WINDOW_PX = 256
-
-
-def slide_colour(sampler: SlideSampler, colours: DomainColours, mask: TissueMask | None = None) -> SlideColour | None:
-    """A slide's colour transform from `colours.tiles_per_slide` windows of 256² px touching tissue, drawn with
-    `colours.seed`. The windows do not depend on the tile size, the tissue-mask switch or the engine, so neither do
-    the transform and the nuclei; and `wsiproc adapt` measures a slide with this same function. `mask`: the run's
-    tissue mask, else one is made here (all windows where the slide has none to give)."""
-    if mask is None:
-        try:
-            mask = tissue_mask(sampler)
-        except Exception:  # an undecodable overview: the run says so already; every window may be drawn
-            mask = None
-    h, w = sampler.shape_hw()
-    windows = TileGrid(h, w, COLOUR_WINDOW_PX, 0, 1)
-    candidates = (mask.tiles_touching(windows, sampler.mpp) if mask is not None
-                  else [(r, c) for r in range(windows.rows) for c in range(windows.cols)])
-    images = []
-    for i in sample_tiles(len(candidates), colours.tiles_per_slide, colours.seed):
-        y0, x0, y1, x1 = windows.core(*candidates[i])
-        try:
-            images.append(sampler.read(y0, x0, y1 - y0, x1 - x0))
-        except Exception:  # an undecodable region: measured without it (its tiles are reported by the run)
-            continue
-    return colours.for_tiles(images)
 
 
 @functools.lru_cache(maxsize=2)

@@ -279,7 +279,7 @@ def _slide_colour(slide, cfg, predictor):
     the network is explained on the pixels it sees in a run."""
     if getattr(predictor, "colours", None) is None:
         return None
-    from ..detection.loop import slide_colour
+    from ..detection.colour import slide_colour
     from ..detection.tiling import SlideSampler
 
     return slide_colour(SlideSampler.for_slide(slide, cfg.model_mpp), predictor.colours)

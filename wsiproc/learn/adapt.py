@@ -37,8 +37,8 @@ from ..config import RunConfig
 from ..errors import one_line
 from ..detection.inference import Predictor
 from ..io.files import file_sha256
-from ..detection.colour import MIN_TISSUE_PIXELS, DomainColours, SlideColour
-from ..detection.loop import batched, plan_tiles, read_tile, slide_colour, worker_predictor
+from ..detection.colour import MIN_TISSUE_PIXELS, DomainColours, SlideColour, slide_colour
+from ..detection.loop import batched, plan_tiles, read_tile, worker_predictor
 from ..detection.postprocess import Postprocess, find_nuclei
 from .calibrate import (PEAK_FLOOR, Calibration, ColourStats, Reference, colour_transform, fold_colour,
                         fold_threshold, recalibrated_threshold, sample_tiles, share_reaching)
@@ -334,7 +334,10 @@ def calibrate_cohort(inputs: list[Path], run_cfg: RunConfig, predictor: Predicto
 
     `calibration_tiles` random tissue tiles per slide: their colour moments guard against a cohort without tissue
     and (with `cfg.colour`) give the colour transform; the (aligned) model's candidate peaks on them give the
-    threshold (`wsiproc.learn.calibrate`). One read of the tiles, two with colour alignment. The result is
+    threshold (`wsiproc.learn.calibrate`). One read of the tiles, two with colour alignment. A cohort whose share
+    leaves the training range gets per-slide colours (`cfg.slide_colours`, a reference with domain colours): each
+    slide's transform measured as a run will (`detection.colour.slide_colour`), the tiles read again and aligned,
+    the threshold judged on them, and `aligned.colours.json` beside the model. The result is
     `work_dir/aligned.keras` and `calibration.json` (reused on a rerun); None, with a line saying why, when the
     sampled tiles hold too little tissue to judge colours by.
     """
