@@ -1,9 +1,9 @@
 """Per-image colour alignment to the model's training colours: does it help a model on labs it never saw, and does
 it hurt the model on labs it knows? (Issue 13's "stain normalisation to the training domain" idea.)
 
-    python benchmarks/colour_alignment.py --models colorectal-LOO=runs/loo/colorectal/model.keras@monuseg+brca,\
-breast-LOO=runs/loo/breast/model.keras@monuseg+crc+consep,default=wsiproc/models/default.keras@monuseg+crc+brca+consep \
-        --out benchmarks/results/adaptation/colour_per_image.md
+    python benchmarks/colour_alignment.py --models colorectal-LOO=runs/loo/colorectal/model.keras,\
+breast-LOO=runs/loo/breast/model.keras,default=wsiproc/models/default.keras \
+        --thresholds 0.3,0.35,0.4,0.45,0.5,0.55,0.6 --out benchmarks/results/adaptation/colour_per_image.md
 
 For each model and every domain's held-out images (whole images at 0.5 µm/px, the run's post-processing: peaks
 of the map smoothed with σ 0.5 µm, 1 µm apart, above 0.5; 5 µm one-to-one matching, micro-average), three inputs:
@@ -12,9 +12,10 @@ of the map smoothed with σ 0.5 µm, 1 µm apart, above 0.5; 5 µm one-to-one ma
   colouring, `calibrate.colour_transform`; what `adapt --align-colour` folds into the network for a whole cohort,
   here per image so that no other lab is moved);
 - `mean + std`: per channel only (Reinhard-like, in RGB);
-- `nearest domain` (where `@domains` names the model's training domains): mean and covariance mapped onto those
-  of the training domain nearest to the image (Gaussian Wasserstein-2 distance of the moments), so that an image
-  from a known lab moves little; the distances are printed, to see whether they could gate the alignment.
+- `nearest domain` (where the reference holds each training domain's colours): the image aligned as a run of an
+  adapted model aligns a slide (`wsiproc.detection.colour`: mean and covariance onto those of the training domain
+  nearest by Gaussian Wasserstein-2 distance), so that an image from a known lab moves little; the distances are
+  printed, to see whether they could gate the alignment.
 The reference is `<model>.reference.json` (made by `benchmarks/reference_stats.py`). Models named `default` run
 with the run's engine choice (OpenVINO int8 here); the others in TensorFlow float32.
 """
@@ -30,16 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from architectures import cpu_name  # noqa: E402
-from heldout_maps import MODEL_MPP, score  # noqa: E402
+from heldout_maps import held_out_maps, score  # noqa: E402
 
 from wsiproc.detection.inference import Predictor  # noqa: E402
 from wsiproc.detection.postprocess import find_peaks  # noqa: E402
-from wsiproc.io.resample import rescale_rgb  # noqa: E402
+from wsiproc.detection.colour import DomainColours  # noqa: E402
 from wsiproc.learn import datasets  # noqa: E402
 from wsiproc.learn.calibrate import ColourStats, Reference, colour_transform  # noqa: E402
-
-PAD_PX = 32
-
 
 def _to_uint8(rgb01: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return (np.clip(rgb01, 0.0, 1.0).reshape(shape) * 255.0 + 0.5).astype(np.uint8)
@@ -58,59 +56,29 @@ def align_diagonal(rgb: np.ndarray, reference: Reference) -> np.ndarray:
     return _to_uint8((rgb.reshape(-1, 3) / 255.0 - stats.mean) * scale + np.asarray(reference.mean_rgb), rgb.shape)
 
 
-INPUTS = {"as scanned": lambda rgb, ref: rgb, "mean + covariance": align_full, "mean + std": align_diagonal}
-
-
-def domain_references(domains: list[str], data: Path) -> dict[str, Reference]:
-    """Tissue colour moments of each domain's training images at 0.5 µm/px."""
-    out = {}
-    for dom in domains:
-        stats = ColourStats()
-        for ann in datasets.domain(dom, data, "train"):
-            stats.add(rescale_rgb(ann.read_rgb(), ann.mpp, MODEL_MPP))
-        out[dom] = Reference(stats.mean.tolist(), stats.cov.tolist(), {}, source=f"{dom} training images")
-    return out
-
-
-def wasserstein2(stats: ColourStats, reference: Reference) -> float:
-    """Distance between the Gaussians of two colour moment pairs (RGB in [0, 1])."""
-    from scipy.linalg import sqrtm
-
-    c1, c2 = stats.cov, np.asarray(reference.cov_rgb)
-    root = np.real(sqrtm(c2))
-    trace = np.trace(c1 + c2 - 2 * np.real(sqrtm(root @ c1 @ root)))
-    return float(np.sqrt(np.sum((stats.mean - np.asarray(reference.mean_rgb)) ** 2) + max(trace, 0.0)))
-
-
-def nearest_domain(references: dict[str, Reference]):
-    """An input transform aligning each image to its nearest training domain; it records (domain, distance)."""
+def nearest_domain(colours: DomainColours):
+    """An input transform aligning each image to its nearest training domain as a run aligns a slide
+    (`DomainColours.for_stats`, `SlideColour.apply`); it records (domain, distance) per image."""
     seen: list[tuple[str, float]] = []
 
-    def transform(rgb: np.ndarray, _reference: Reference) -> np.ndarray:
-        stats = ColourStats().add(rgb)
-        distance = {dom: wasserstein2(stats, ref) for dom, ref in references.items()}
-        near = min(distance, key=distance.get)
-        seen.append((near, distance[near]))
-        return align_full(rgb, references[near])
+    def transform(rgb: np.ndarray) -> np.ndarray:
+        aligned = colours.for_stats(ColourStats().add(rgb))
+        seen.append((aligned.domain, aligned.distance))
+        return aligned.apply(rgb)
 
     transform.seen = seen
     return transform
 
 
-def confidence_maps(predictor: Predictor, reference: Reference, data: Path, inputs: dict) -> dict[str, dict[str, np.ndarray]]:
-    """input name → {domain/image: confidence map at 0.5 µm/px} over every domain's held-out images."""
-    m = predictor.size_multiple_px or 8
-    maps: dict[str, dict[str, np.ndarray]] = {name: {} for name in inputs}
-    for dom in datasets.DOMAINS:
-        for ann in datasets.domain(dom, data, "held_out"):
-            rgb = rescale_rgb(ann.read_rgb(), ann.mpp, MODEL_MPP)
-            h, w = rgb.shape[:2]
-            height, width = -(-(h + 2 * PAD_PX) // m) * m, -(-(w + 2 * PAD_PX) // m) * m
-            for name, transform in inputs.items():
-                x = np.full((1, height, width, 3), 255, np.uint8)
-                x[0, PAD_PX : PAD_PX + h, PAD_PX : PAD_PX + w] = transform(rgb, reference)
-                maps[name][f"{dom}/{ann.name}"] = predictor(x)[0, PAD_PX : PAD_PX + h, PAD_PX : PAD_PX + w]
-    return maps
+def inputs_for(reference: Reference) -> dict:
+    """The inputs compared for one model: as scanned, per-image alignments, and (where the reference has each
+    training domain's colours) alignment to the nearest domain."""
+    inputs = {"as scanned": lambda rgb: rgb,
+              "mean + covariance": lambda rgb: align_full(rgb, reference),
+              "mean + std": lambda rgb: align_diagonal(rgb, reference)}
+    if reference.domain_colours:
+        inputs["nearest domain"] = nearest_domain(DomainColours(reference.domain_colours))
+    return inputs
 
 
 def _best_over(by_image: dict, data: Path, thresholds: list[float]) -> dict[str, str]:
@@ -136,7 +104,7 @@ def _nearest_summary(seen: list[tuple[str, float]], by_image: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", required=True, help="label=path.keras[@domain+domain…], comma-separated")
+    ap.add_argument("--models", required=True, help="label=path.keras, comma-separated")
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--out", type=Path, default=None, help="write the markdown table here too")
     ap.add_argument("--thresholds", default="", help="also the best F1 over these thresholds, per domain and input "
@@ -148,15 +116,12 @@ def main() -> None:
              "|---|---|" + "---|" * (len(datasets.DOMAINS) + 1)]
     print("\n".join(lines), flush=True)
     for item in args.models.split(","):
-        label, spec = item.split("=", 1)
-        path, _, trained_on = spec.partition("@")
+        label, path = item.split("=", 1)
         reference = Reference.load(Reference.beside(path))
-        inputs = dict(INPUTS)
-        if trained_on:
-            inputs["nearest domain"] = nearest_domain(domain_references(trained_on.split("+"), args.data))
+        inputs = inputs_for(reference)
         predictor = (Predictor(path) if label == "default"
                      else Predictor(path, engine="tensorflow", precision="float32"))
-        maps = confidence_maps(predictor, reference, args.data, inputs)
+        maps = held_out_maps(predictor, args.data, inputs)
         base = None
         for name, by_image in maps.items():
             scores = score(by_image, args.data, lambda c: find_peaks(c, 0.5, 2, 1.0))
@@ -175,7 +140,7 @@ def main() -> None:
                 lines.append(f"| {name} | " + " | ".join(_best_over(by_image, args.data, thresholds).values()) + " |")
                 print(lines[-1], flush=True)
             lines.append("")
-        if trained_on:
+        if "nearest domain" in inputs:
             lines.append("")
             lines.append(f"{label}: nearest training domain per held-out image (count, median distance): "
                          + _nearest_summary(inputs["nearest domain"].seen, maps["as scanned"]))

@@ -23,26 +23,36 @@ from wsiproc.io.resample import map_coords, rescale_rgb  # noqa: E402
 MODEL_MPP = 0.5
 
 
-def compute_maps(model_path: str, data: Path, split: str = "held_out") -> dict:
-    import keras
+PAD_PX = 32
 
-    from wsiproc.detection.architectures import geometry
 
-    model = keras.models.load_model(model_path, compile=False, safe_mode=True)
-    m = geometry(model).size_multiple_px
-    pad = 32
-    maps, t0, mp = {}, time.perf_counter(), 0.0
+def held_out_maps(predictor, data: Path, inputs: dict | None = None, split: str = "held_out") -> dict[str, dict[str, np.ndarray]]:
+    """input name → {domain/image: confidence map at 0.5 µm/px} of every domain's `split` images, whole images
+    padded with white to the model's multiple. `inputs` maps a name to a transform of the image (uint8 RGB at
+    0.5 µm/px) before the model; by default the image as scanned."""
+    inputs = inputs or {"as scanned": lambda rgb: rgb}
+    m = predictor.size_multiple_px or 8
+    maps: dict[str, dict[str, np.ndarray]] = {name: {} for name in inputs}
     for dom in datasets.DOMAINS:
-        for a in datasets.domain(dom, data, split):
-            rgb = rescale_rgb(a.read_rgb(), a.mpp, MODEL_MPP)
+        for ann in datasets.domain(dom, data, split):
+            rgb = rescale_rgb(ann.read_rgb(), ann.mpp, MODEL_MPP)
             h, w = rgb.shape[:2]
-            H, W = -(-(h + 2 * pad) // m) * m, -(-(w + 2 * pad) // m) * m
-            x = np.full((1, H, W, 3), 255, np.uint8)
-            x[0, pad : pad + h, pad : pad + w] = rgb
-            y = keras.ops.convert_to_numpy(model(x.astype(np.float32) / 255.0, training=False))[0, pad : pad + h, pad : pad + w, 0]
-            maps[f"{dom}/{a.name}"] = y.astype(np.float16)
-            mp += h * w / 1e6
-    return {"maps": maps, "seconds": time.perf_counter() - t0, "mp": mp}
+            height, width = -(-(h + 2 * PAD_PX) // m) * m, -(-(w + 2 * PAD_PX) // m) * m
+            for name, transform in inputs.items():
+                x = np.full((1, height, width, 3), 255, np.uint8)
+                x[0, PAD_PX : PAD_PX + h, PAD_PX : PAD_PX + w] = transform(rgb)
+                maps[name][f"{dom}/{ann.name}"] = predictor(x)[0, PAD_PX : PAD_PX + h, PAD_PX : PAD_PX + w]
+    return maps
+
+
+def compute_maps(model_path: str, data: Path, split: str = "held_out") -> dict:
+    """The model's maps (TensorFlow float32, stored as float16) on `split`, with the seconds and megapixels."""
+    from wsiproc.detection.inference import Predictor
+
+    t0 = time.perf_counter()
+    (maps,) = held_out_maps(Predictor(model_path, engine="tensorflow", precision="float32"), data, split=split).values()
+    return {"maps": {k: v.astype(np.float16) for k, v in maps.items()}, "seconds": time.perf_counter() - t0,
+            "mp": sum(v.size for v in maps.values()) / 1e6}
 
 
 def score(maps: dict, data: Path, post, split: str = "held_out", radius_um: float = 5.0) -> dict:

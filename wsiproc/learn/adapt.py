@@ -326,8 +326,6 @@ def measure_reference(domains: dict[str, tuple[list[Path], float]], predictor: P
                      per_domain)
 
 
-
-
 def calibrate_cohort(inputs: list[Path], run_cfg: RunConfig, predictor: Predictor, reference: Reference, cfg: AdaptConfig,
                      work_dir: Path, echo: Callable[[str], None] = print) -> tuple[Calibration, Path] | None:
     """Confidence re-calibration (and, with `colour`, colour alignment) of the base model for this cohort.
