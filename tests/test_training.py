@@ -62,17 +62,17 @@ def test_training_lowers_the_loss_and_resumes_from_its_checkpoint(tmp_path: Path
     assert loss_trained < loss_initial * 0.8, (loss_initial, loss_trained)
 
 
-def test_train_command_reads_label_maps_and_writes_a_loadable_model(tmp_path: Path, shared_data: Path) -> None:
+def test_the_papers_recipe_by_name_reads_label_maps_and_writes_a_loadable_model(tmp_path: Path, shared_data: Path) -> None:
     root = shared_data / "monuseg-train"
     result = CliRunner().invoke(main, [
         "train", "--images", str(root / "images" / "TCGA-18-5592-01Z-00-DX1.tif"), "--points", str(root / "labels"),
-        "--mpp", "0.25", "--out", str(tmp_path / "m.keras"), "--epochs", "1", "--steps-per-epoch", "2",
-        "--block-px", "32", "--batch-size", "4",
+        "--mpp", "0.25", "--out", str(tmp_path / "m.keras"), "--recipe", "paper", "--steps", "2",
+        "--crop-px", "32", "--batch-size", "4", "--quiet",
     ])
     assert result.exit_code == 0, result.output
-    assert "training on 1 images" in result.output
+    assert "training on 1 images" in result.output and "no held-out images" in result.output
     state = json.loads((tmp_path / "m_checkpoints" / "state.json").read_text())
-    assert state["epoch"] == 1 and state["config"]["block_px"] == 32
+    assert state["step"] == 2 and state["recipe"]["name"] == "paper" and state["recipe"]["crop_px"] == 32
     from wsiproc.detection.model import load_model
 
     assert load_model(tmp_path / "m.keras").output_shape == (None, None, None, 1)
@@ -124,9 +124,10 @@ def test_four_domain_training_of_a_lean_network_lowers_the_loss(tmp_path: Path, 
     domains = {name: [TrainingImage.from_level0(a.name, a.read_rgb(), a.points_xy, a.mpp)
                       for a in datasets.domain(name, shared_data, "train")[:2]] for name in datasets.DOMAINS}
     sampler = DomainSampler(domains, crop_px=64, batch_size=8, seed=5)
-    x, y = sampler.batch(0, 0)
+    x, y, w = sampler.batch(0, 0)
     assert x.shape == (8, 64, 64, 3) and 0.02 < y.mean() < 0.4  # disks on nuclei, not everywhere
-    probe_x, probe_y = sampler.batch(99, 0)
+    assert w.min() == 1.0  # fully annotated images teach everywhere
+    probe_x, probe_y, _ = sampler.batch(99, 0)
     keras.utils.set_random_seed(5)
     model = build("unet")
     model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="binary_crossentropy")

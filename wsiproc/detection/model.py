@@ -103,6 +103,25 @@ def with_dtype(model: "keras.Model", dtype: str) -> "keras.Model":
     return copy
 
 
+def with_policy(model: "keras.Model", policy: str) -> "keras.Model":
+    """The same layers and weights under a mixed-precision policy (`mixed_bfloat16`, `mixed_float16`), the output
+    layer kept float32 (a sigmoid and its loss in 8 mantissa bits lose the confidences near 0 and 1); `float32`
+    returns the model as it is. Variables stay float32 under mixed policies, so training updates are not rounded."""
+    import keras
+
+    if policy == "float32":
+        return model
+    output_layer = model.layers[-1].name
+
+    def clone(layer):
+        dtype = "float32" if layer.name == output_layer else policy
+        return layer.__class__.from_config({**layer.get_config(), "dtype": dtype})
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def save_model(model: "keras.Model", path: str | Path, float16: bool = False) -> Path:
     """Save atomically: a crash never leaves a truncated `.keras` file under the final name.
 

@@ -28,7 +28,7 @@ from shapely.errors import GEOSException
 from shapely.geometry import Polygon, shape
 from shapely.geometry.base import BaseGeometry
 
-__all__ = ["read_points", "read_imagescope_regions", "read_label_map", "label_centroids", "image_key"]
+__all__ = ["read_points", "read_regions", "read_imagescope_regions", "read_label_map", "label_centroids", "image_key"]
 
 # ElementTree rather than defusedxml, which is not a dependency: Python's expat never fetches external
 # entities, and expat >= 2.4.1 (bundled with every Python wsiproc supports) stops entity-expansion
@@ -316,13 +316,35 @@ def _read_cellcounter(path: Path, root: ET.Element) -> np.ndarray:
 
 
 def _read_geojson(path: Path) -> np.ndarray:
-    """Points of a QuPath export: a FeatureCollection, a bare list of features, or a single feature.
+    """Nucleus points of a QuPath export: a FeatureCollection, a bare list of features, or a single feature.
 
     Point geometries give the point, MultiPoint (QuPath's "Points" annotations) one point each, polygons
     their area centroid. Cell objects use their `nucleusGeometry` when present, since the nucleus, not
-    the cell outline around it, is what was annotated. Features without geometry are skipped. Exports
-    must hold nuclei only: a parent region annotation exported alongside would count as one more nucleus.
+    the cell outline around it, is what was annotated. Features without geometry are skipped. Where the file
+    holds points, its polygon annotations are the regions the points were marked in (`read_regions`), not nuclei.
     """
+    nuclei, _ = _geojson_nuclei_and_regions(path)
+    return np.asarray(nuclei, dtype=np.float64).reshape(-1, 2)
+
+
+def read_regions(path: str | Path) -> dict[str, list[BaseGeometry]]:
+    """The annotated regions of a QuPath GeoJSON export, {image name: [shapely polygons in level-0 pixels]}.
+
+    QuPath users mark nuclei with the Points tool inside a drawn region (a rectangle, polygon or brush area)
+    and export both; only the inside of the regions was looked at, so only it may teach "no nucleus here".
+    The rule: in a file with Point or MultiPoint features, every Polygon / MultiPolygon *annotation* (QuPath's
+    `objectType` "annotation", what a user draws) is a region; detections and cells are nuclei. A file without
+    points holds nucleus outlines (every nucleus of the image was outlined), and other formats have no regions:
+    both give {} (the whole image is annotated).
+    """
+    path = Path(path)
+    if _detect_format(path) != "geojson":
+        return {}
+    _, regions = _geojson_nuclei_and_regions(path)
+    return {image_key(path): regions} if regions else {}
+
+
+def _geojson_features(path: Path) -> list[dict[str, Any]]:
     opener: Any = gzip.open if _is_gzip(path) else open
     try:
         with opener(path, "rt", encoding="utf-8-sig") as fh:
@@ -339,18 +361,34 @@ def _read_geojson(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: not GeoJSON (expected a FeatureCollection, a Feature or a list of features)")
     if not isinstance(features, list):
         raise ValueError(f"{path}: 'features' is not a list")
-    points: list[tuple[float, float]] = []
     for number, feature in enumerate(features):
         if not isinstance(feature, dict) or feature.get("type") != "Feature":
             raise ValueError(f"{path}: feature {number} is not a GeoJSON Feature")
-        geometry = feature.get("nucleusGeometry") or feature.get("geometry")
-        if geometry is None:
-            continue
+    return features
+
+
+def _geojson_nuclei_and_regions(path: Path) -> tuple[list[tuple[float, float]], list[BaseGeometry]]:
+    features = [(n, f, f.get("nucleusGeometry") or f.get("geometry")) for n, f in enumerate(_geojson_features(path))]
+    features = [(n, f, g) for n, f, g in features if g is not None]
+    has_points = any(isinstance(g, dict) and g.get("type") in ("Point", "MultiPoint") for _, _, g in features)
+    points: list[tuple[float, float]] = []
+    regions: list[BaseGeometry] = []
+    for number, feature, geometry in features:
         try:
-            points.extend(_geometry_points(geometry))
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            if has_points and geometry.get("type") in ("Polygon", "MultiPolygon") and _object_type(feature) == "annotation":
+                region = shape(geometry)
+                regions.append(region if region.is_valid else make_valid(region))
+            else:
+                points.extend(_geometry_points(geometry))
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, GEOSException) as exc:
             raise ValueError(f"{path}: feature {number} (id {feature.get('id')!r}): {exc}") from None
-    return np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    return points, regions
+
+
+def _object_type(feature: dict[str, Any]) -> str | None:
+    """QuPath's object type: `annotation` (drawn by a user), `detection` or `cell` (found by a command)."""
+    props = feature.get("properties")
+    return props.get("objectType") if isinstance(props, dict) else None
 
 
 def _geometry_points(geometry: dict[str, Any]) -> list[tuple[float, float]]:

@@ -1,2 +1,2 @@
-"""Making models: training on annotated images (`training`, `datasets`), adaptation to a new cohort without
-annotations (`adapt`) and int8 quantisation (`quantize`)."""
+"""Making models: training on annotated images (`trainer`, `training`, `train_domains`, `annotated`, `check`,
+`datasets`), adaptation to a new cohort without annotations (`adapt`) and int8 quantisation (`quantize`)."""

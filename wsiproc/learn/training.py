@@ -8,19 +8,19 @@ one Gaussian noise.
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from ..detection.model import MODEL_MPP, build_model, load_model, save_model
+from ..detection.model import MODEL_MPP
 from ..io.resample import map_coords, rescale_rgb
+
+if TYPE_CHECKING:
+    from shapely.geometry.base import BaseGeometry
 
 
 @dataclass
@@ -45,17 +45,53 @@ class TrainConfig:
 
 @dataclass
 class TrainingImage:
-    """One annotated image at the model's resolution: RGB uint8 and its points in model pixels."""
+    """One annotated image at the model's resolution: RGB uint8, its points in model pixels and, where only parts
+    of it were annotated (QuPath points inside drawn regions), a mask of those parts."""
 
     name: str
     rgb: np.ndarray
     points_xy: np.ndarray  # (N, 2) x = column, y = row, pixel-index coordinates at 0.5 µm/px
+    region_mask: np.ndarray | None = None  # (H, W) bool at 0.5 µm/px: True where annotated; None: everywhere
 
     @classmethod
-    def from_level0(cls, name: str, rgb: np.ndarray, points_xy: np.ndarray, mpp: float) -> "TrainingImage":
-        """Resample an image at `mpp` and its level-0 points to the model's 0.5 µm/px grid."""
+    def from_level0(cls, name: str, rgb: np.ndarray, points_xy: np.ndarray, mpp: float,
+                    regions: "Sequence[BaseGeometry] | None" = None) -> "TrainingImage":
+        """Resample an image at `mpp`, its level-0 points and its annotated regions (shapely polygons in level-0
+        pixels; None or empty: the whole image) to the model's 0.5 µm/px grid."""
         pts = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
-        return cls(name, rescale_rgb(np.asarray(rgb)[..., :3], mpp, MODEL_MPP), map_coords(pts, mpp, MODEL_MPP))
+        small = rescale_rgb(np.asarray(rgb)[..., :3], mpp, MODEL_MPP)
+        mask = rasterise_regions(regions, small.shape[:2], mpp / MODEL_MPP) if regions else None
+        return cls(name, small, map_coords(pts, mpp, MODEL_MPP), mask)
+
+    @property
+    def annotated_px(self) -> int:
+        """Pixels that teach (the regions, or the whole image)."""
+        return int(self.region_mask.sum()) if self.region_mask is not None else self.rgb.shape[0] * self.rgb.shape[1]
+
+
+def rasterise_regions(regions: "Sequence[BaseGeometry]", shape_hw: tuple[int, int], scale: float) -> np.ndarray:
+    """Polygons in level-0 pixel-index coordinates as a mask on a grid `scale`× as coarse (holes left out).
+
+    A coarse pixel is inside when its centre is: level-0 coordinate v sits at (v + 0.5) / scale - 0.5 on the coarse
+    grid (edges aligned), and scikit-image's `polygon` fills the pixels whose centres lie inside."""
+    from shapely.geometry import MultiPolygon, Polygon
+    from skimage.draw import polygon as fill
+
+    mask = np.zeros(shape_hw, dtype=bool)
+
+    def pixels(coords) -> tuple[np.ndarray, np.ndarray]:
+        xy = (np.asarray(coords)[:, :2] + 0.5) / scale - 0.5
+        return fill(xy[:, 1], xy[:, 0], shape_hw)
+
+    for region in regions:
+        parts = list(region.geoms) if isinstance(region, MultiPolygon) or hasattr(region, "geoms") else [region]
+        for part in parts:
+            if not isinstance(part, Polygon) or part.is_empty:  # lines and points left by make_valid enclose nothing
+                continue
+            mask[pixels(part.exterior.coords)] = True
+            for hole in part.interiors:
+                mask[pixels(hole.coords)] = False
+    return mask
 
 
 def draw_targets(shape_hw: tuple[int, int], points_xy: np.ndarray, radius_px: int = 4) -> np.ndarray:
@@ -153,26 +189,6 @@ def flip_turn(block: np.ndarray, target: np.ndarray, rng: np.random.Generator) -
     return np.ascontiguousarray(np.rot90(block, turns)), np.ascontiguousarray(np.rot90(target, turns))
 
 
-def _make_dataset(sampler: BlockSource, epoch_offset: int, steps: int):
-    import keras
-
-    class _Blocks(keras.utils.PyDataset):
-        def __init__(self) -> None:
-            super().__init__(workers=1, use_multiprocessing=False)
-            self.epoch = epoch_offset
-
-        def __len__(self) -> int:
-            return steps
-
-        def __getitem__(self, index: int):
-            return sampler.batch(self.epoch, index)
-
-        def on_epoch_end(self) -> None:
-            self.epoch += 1
-
-    return _Blocks()
-
-
 def train(
     images: "Sequence[TrainingImage] | BlockSource",
     out_path: str | Path,
@@ -183,70 +199,43 @@ def train(
     verbose: int = 1,
     on_epoch: Callable[[int, dict], None] | None = None,
 ) -> dict:
-    """Train (or resume) and save the model to `out_path`; returns the loss history and timings.
+    """The paper's epoch-counted recipe (and `wsiproc adapt`'s fine-tuning) through the one loop, `trainer.fit`.
 
     A checkpoint (`last.keras` with the optimiser state, plus `state.json`) is written after every epoch
-    into `checkpoint_dir`; calling again with the same folder continues from the last finished epoch.
-    `init_model` starts from an existing model's weights (fine-tuning, or continuing a shipped model).
+    into `checkpoint_dir`; calling again with the same folder continues from the last finished epoch (a larger
+    `epochs` continues a finished run). `init_model` starts from an existing model's weights.
+    Returns the state with `epoch` (epochs done) and per-epoch `history` entries.
     """
-    import keras
+    from .trainer import Recipe, Start, fit, step_progress
 
-    keras.utils.set_random_seed(cfg.seed)
     out_path = Path(out_path)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else out_path.with_name(out_path.stem + "_checkpoints")
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state_file, last_ckpt = ckpt_dir / "state.json", ckpt_dir / "last.keras"
+    sampler = images if hasattr(images, "batch") else BlockSampler(images, cfg)  # type: ignore[arg-type]
+    spe = cfg.steps_per_epoch or sampler.default_steps_per_epoch()
+    recipe = Recipe("paper", crop_px=cfg.block_px, batch_size=cfg.batch_size, disk_radius_px=cfg.disk_radius_px,
+                    learning_rate=cfg.learning_rate, steps=cfg.epochs * spe, decay_at=1.0, seed=cfg.seed,
+                    trainable="all", augment=AugmentConfig.flips_only())
+    start = Start(init_model=Path(init_model) if init_model else None, arch=cfg.arch,
+                  vgg16_weights=Path(vgg16_weights) if vgg16_weights else None, freeze_vgg=cfg.freeze_vgg, dropout=cfg.dropout)
+    update, close = step_progress(out_path.name) if verbose else (None, lambda: None)
+    done_epochs = [0]
 
-    sampler = images if hasattr(images, "batch") else BlockSampler(images, cfg)
-    steps = cfg.steps_per_epoch or sampler.default_steps_per_epoch()
-    state = {"epoch": 0, "history": [], "seconds": 0.0, "config": asdict(cfg)}
-    if state_file.is_file() and last_ckpt.is_file():
-        state = json.loads(state_file.read_text())
-        model = keras.models.load_model(last_ckpt, compile=True, safe_mode=True)
-        # A resumed run may continue at a lower learning rate (the usual step decay once the loss plateaus);
-        # the optimiser's moments are kept, only the step size changes.
-        model.optimizer.learning_rate.assign(cfg.learning_rate)
-    else:
-        if init_model is not None:
-            model = load_model(init_model)
-        else:
-            model = build_model(dropout=cfg.dropout, vgg16_weights=vgg16_weights, freeze_vgg=cfg.freeze_vgg, arch=cfg.arch)
-        model.compile(
-            optimizer=keras.optimizers.Adam(cfg.learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-8),
-            loss="binary_crossentropy",
-        )
+    def progress(step: int, *rest) -> None:
+        if update is not None:
+            update(step, *rest)
+        if on_epoch is not None and step % spe == 0 and step // spe > done_epochs[0]:
+            done_epochs[0] = step // spe
+            on_epoch(done_epochs[0], {})
 
-    class _Checkpoint(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.t0 = time.perf_counter()
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            state["epoch"] = epoch + 1
-            state["seconds"] += time.perf_counter() - self.t0
-            self.t0 = time.perf_counter()
-            state["history"].append({
-                "epoch": epoch + 1,
-                "loss": float((logs or {}).get("loss", float("nan"))),
-                "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
-            })
-            save_model(self.model, last_ckpt)
-            tmp = state_file.with_suffix(".json.partial")
-            tmp.write_text(json.dumps(state, indent=1))
-            os.replace(tmp, state_file)
-            if on_epoch:
-                on_epoch(epoch + 1, state)
-
-    if state["epoch"] < cfg.epochs:
-        model.fit(
-            _make_dataset(sampler, state["epoch"], steps),
-            epochs=cfg.epochs,
-            initial_epoch=state["epoch"],
-            callbacks=[_Checkpoint()],
-            verbose=verbose,
-        )
-    final = load_model(last_ckpt) if last_ckpt.is_file() else model
-    save_model(final, out_path)
+    try:
+        state = fit(sampler, out_path, recipe, ckpt_dir, start=start, checkpoint_s=180.0,
+                    steps_per_epoch=spe, progress=progress)
+    finally:
+        close()
+    state["epoch"] = state["step"] // spe
+    state["config"] = asdict(cfg)
+    for entry in state["history"]:
+        entry["epoch"] = entry["step"] // spe
     return state
 
 
@@ -317,28 +306,47 @@ def disk_targets_at(shape_hw: tuple[int, int], points_xy: np.ndarray, radius_px:
 
 
 class DomainSampler:
-    """Seeded batches of crops from several annotated domains, each domain equally often.
+    """Seeded batches of crops from several annotated domains, each domain equally often (or by `shares`).
 
     Item k of a batch comes from domain k mod D, so a domain with 90 images weighs as much as one with 16;
-    inside a domain an image is drawn in proportion to its area. Each crop is read with a random scale
+    inside a domain an image is drawn in proportion to its annotated area. Each crop is read with a random scale
     (resolution jitter), flip and right-angle turn, then recoloured (`photometric`); its target is drawn
     after the geometric transform from the transformed points, so disks stay round and centred.
+
+    Batches are (images, targets, weights): the weight is 1 inside the annotated regions of an image and 0
+    outside (unlabelled nuclei there must not be taught as background), 1 everywhere for fully annotated images.
+    Crops of partly annotated images are centred on a random annotated pixel.
+
+    `shares` ({domain: share of items}, summing to 1) replaces equal sampling: fine-tuning on a lab's images
+    with a share of the shipped domains' data mixed in.
     """
 
     def __init__(self, domains: dict[str, Sequence[TrainingImage]], crop_px: int = 128, batch_size: int = 32,
-                 disk_radius_px: float = 4.0, augment: AugmentConfig | None = None, seed: int = 0):
+                 disk_radius_px: float = 4.0, augment: AugmentConfig | None = None, seed: int = 0,
+                 shares: dict[str, float] | None = None):
         self.names = [n for n, ims in domains.items() if ims]
         if not self.names:
             raise ValueError("no training images in any domain")
         self.images = {n: list(domains[n]) for n in self.names}
-        self.weights = {n: np.array([im.rgb.shape[0] * im.rgb.shape[1] for im in ims], float) for n, ims in self.images.items()}
+        self.weights = {n: np.array([im.annotated_px for im in ims], float) for n, ims in self.images.items()}
         for n in self.names:
+            if self.weights[n].sum() <= 0:
+                raise ValueError(f"domain {n!r}: its annotated regions cover no pixel at 0.5 µm/px")
             self.weights[n] /= self.weights[n].sum()
+        self.shares = None
+        if shares is not None:
+            p = np.array([shares.get(n, 0.0) for n in self.names], float)
+            if p.sum() <= 0:
+                raise ValueError("domain shares sum to 0")
+            self.shares = p / p.sum()
+        # Annotated pixels of partly annotated images, to centre crops on (flat indices at 0.5 µm/px).
+        self._inside = {id(im): np.flatnonzero(im.region_mask) for ims in self.images.values() for im in ims
+                        if im.region_mask is not None}
         self.crop_px, self.batch_size, self.radius = crop_px, batch_size, disk_radius_px
         self.augment = augment if augment is not None else AugmentConfig()
         self.seed = seed
 
-    def crop(self, im: TrainingImage, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def crop(self, im: TrainingImage, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from PIL import Image
 
         s = self.crop_px
@@ -347,27 +355,42 @@ class DomainSampler:
         src = min(s * zoom, *im.rgb.shape[:2])  # source pixels spanned by the crop
         zoom = src / s
         h, w = im.rgb.shape[:2]
-        x0, y0 = rng.uniform(0, w - src), rng.uniform(0, h - src)  # the crop's top-left edge, continuous
-        rgb = np.asarray(Image.fromarray(im.rgb).resize((s, s), Image.Resampling.BILINEAR, box=(x0, y0, x0 + src, y0 + src)))
+        if im.region_mask is None:
+            x0, y0 = rng.uniform(0, w - src), rng.uniform(0, h - src)  # the crop's top-left edge, continuous
+        else:  # centred on an annotated pixel, kept inside the image
+            cy, cx = divmod(int(self._inside[id(im)][int(rng.integers(len(self._inside[id(im)])))]), w)
+            x0 = float(np.clip(cx + 0.5 - src / 2 + rng.uniform(-0.5, 0.5), 0, w - src))
+            y0 = float(np.clip(cy + 0.5 - src / 2 + rng.uniform(-0.5, 0.5), 0, h - src))
+        box = (x0, y0, x0 + src, y0 + src)
+        rgb = np.asarray(Image.fromarray(im.rgb).resize((s, s), Image.Resampling.BILINEAR, box=box))
         rgb = rgb.astype(np.float32) / 255.0
         # Pixel-index u on the source sits at (u + 0.5 - x0) / zoom - 0.5 on the crop (edges aligned).
         pts = (im.points_xy + 0.5 - (x0, y0)) / zoom - 0.5
         pts = pts[(pts[:, 0] > -self.radius) & (pts[:, 0] < s + self.radius) & (pts[:, 1] > -self.radius) & (pts[:, 1] < s + self.radius)]
         target = disk_targets_at((s, s), pts, self.radius)
-        rgb, target = flip_turn(rgb, target, rng)
-        return photometric(rgb, rng, self.augment), target
+        if im.region_mask is None:
+            weight = np.ones((s, s), np.float32)
+        else:
+            mask = Image.fromarray(im.region_mask.astype(np.uint8))
+            weight = np.asarray(mask.resize((s, s), Image.Resampling.NEAREST, box=box), np.float32)
+        rgb, both = flip_turn(rgb, np.stack([target, weight], axis=-1), rng)
+        return photometric(rgb, rng, self.augment), both[..., 0], both[..., 1]
 
-    def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch, index])
         s, b = self.crop_px, self.batch_size
         x = np.empty((b, s, s, 3), np.float32)
         y = np.empty((b, s, s, 1), np.float32)
+        wt = np.empty((b, s, s), np.float32)
         first = int(rng.integers(len(self.names)))
         for k in range(b):
-            name = self.names[(first + k) % len(self.names)]
+            if self.shares is None:
+                name = self.names[(first + k) % len(self.names)]
+            else:
+                name = self.names[int(rng.choice(len(self.names), p=self.shares))]
             im = self.images[name][int(rng.choice(len(self.images[name]), p=self.weights[name]))]
-            x[k], y[k, ..., 0] = self.crop(im, rng)
-        return x, y
+            x[k], y[k, ..., 0], wt[k] = self.crop(im, rng)
+        return x, y, wt
 
     def default_steps_per_epoch(self) -> int:
         return 500
