@@ -144,3 +144,10 @@ def test_each_domain_has_a_fixed_held_out_part(shared_data: Path) -> None:
     assert counts == {"monuseg": (16, 14), "crc": (40, 10), "brca": (90, 30), "consep": (21, 6)}
     held = {a.name for a in datasets.domain("crc", shared_data, "held_out")}
     assert held == {f"img{i}" for i in range(5, 51, 5)}
+
+
+def test_evaluate_names_a_folder_without_results_in_one_line(tmp_path: Path, shared_data: Path) -> None:
+    result = CliRunner().invoke(main, ["evaluate", "--pred", str(tmp_path), "--truth", str(shared_data / "crc-dev" / "points.csv"),
+                                       "--mpp", "0.55"])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {tmp_path}: no prediction files (<image>.csv) in this folder"

@@ -60,17 +60,3 @@ def merged_options(ctx: click.Context, config_file: Path | None, schema: type, o
         if field_name not in values or ctx.get_parameter_source(param) == ParameterSource.COMMANDLINE:
             values[field_name] = value
     return values
-
-
-def read_annotations(spec: str) -> dict:
-    """Annotations of every file that `spec` names (file, folder or glob), by image name."""
-    from ..evaluate.annotations import read_points
-    from ..io.files import expand
-
-    points: dict = {}
-    files = expand(spec)
-    if not files:
-        raise UsageError(f"{spec}: no annotation files found")
-    for path in files:
-        points.update(read_points(path))
-    return points

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
-from .common import read_annotations
+from .common import usage_errors
 
 
 @click.command()
@@ -31,6 +31,7 @@ def evaluate(pred_spec: str | None, model_spec: str | None, images_spec: str | N
     from ..evaluate.annotations import image_key, read_label_map
     from ..evaluate.scoring import evaluate_sets, format_table, read_predictions, write_scores_csv
     from ..io.files import expand
+    from ..learn.annotated import Annotations
 
     if (pred_spec is None) == (model_spec is None):
         raise UsageError("give either --pred (results to score) or --model with --images (a model to run and score)")
@@ -39,7 +40,8 @@ def evaluate(pred_spec: str | None, model_spec: str | None, images_spec: str | N
             raise UsageError("--model needs --images: the annotated images to run it on")
         pred, truth = _run_model(model_spec, images_spec, truth_spec, mpp)
     else:
-        pred, truth = read_predictions(pred_spec), read_annotations(truth_spec)
+        with usage_errors(ValueError):  # a folder without results, an unreadable CSV: one line, not a traceback
+            pred, truth = read_predictions(pred_spec), Annotations.read(truth_spec).points
     label_maps = None
     if masks_dir is not None:
         label_maps = {image_key(p): read_label_map(p) for p in expand(str(masks_dir), {".png", ".tif", ".tiff"})}
