@@ -73,6 +73,11 @@ def test_regions_are_rasterised_by_pixel_centres_on_the_model_grid() -> None:
     # 0.25 µm/px level 0, model grid 0.5 µm/px: a 100 × 60 level-0 rectangle covers 50 × 30 model pixels.
     mask = rasterise_regions([box(-0.5, -0.5, 99.5, 59.5)], (100, 100), scale=2.0)
     assert mask.sum() == 50 * 30 and mask[29, 49] and not mask[30, 49] and not mask[29, 50]
+    # What shapely's make_valid returns for a self-crossing outline: collections of polygons (and stray points).
+    from shapely.geometry import GeometryCollection, MultiPolygon, Point
+
+    odd = GeometryCollection([MultiPolygon([box(-0.5, -0.5, 9.5, 9.5), box(19.5, 19.5, 29.5, 29.5)]), Point(50, 50)])
+    assert rasterise_regions([odd], (40, 40), scale=1.0).sum() == 2 * 10 * 10
 
 
 def test_crops_of_a_partly_annotated_image_teach_only_inside_its_regions(shared_data: Path) -> None:

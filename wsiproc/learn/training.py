@@ -74,7 +74,7 @@ def rasterise_regions(regions: "Sequence[BaseGeometry]", shape_hw: tuple[int, in
 
     A coarse pixel is inside when its centre is: level-0 coordinate v sits at (v + 0.5) / scale - 0.5 on the coarse
     grid (edges aligned), and scikit-image's `polygon` fills the pixels whose centres lie inside."""
-    from shapely.geometry import MultiPolygon, Polygon
+    from shapely.geometry import Polygon
     from skimage.draw import polygon as fill
 
     mask = np.zeros(shape_hw, dtype=bool)
@@ -83,10 +83,17 @@ def rasterise_regions(regions: "Sequence[BaseGeometry]", shape_hw: tuple[int, in
         xy = (np.asarray(coords)[:, :2] + 0.5) / scale - 0.5
         return fill(xy[:, 1], xy[:, 0], shape_hw)
 
+    def polygons(geometry):
+        """Every polygon of a (multi)polygon or of the collections `make_valid` returns; lines and points enclose nothing."""
+        if isinstance(geometry, Polygon):
+            yield geometry
+        elif hasattr(geometry, "geoms"):
+            for part in geometry.geoms:
+                yield from polygons(part)
+
     for region in regions:
-        parts = list(region.geoms) if isinstance(region, MultiPolygon) or hasattr(region, "geoms") else [region]
-        for part in parts:
-            if not isinstance(part, Polygon) or part.is_empty:  # lines and points left by make_valid enclose nothing
+        for part in polygons(region):
+            if part.is_empty:
                 continue
             mask[pixels(part.exterior.coords)] = True
             for hole in part.interiors:
