@@ -12,7 +12,8 @@ import json
 import time
 
 from wsiproc.learn import datasets
-from wsiproc.learn.training import TrainConfig, TrainingImage, train
+from wsiproc.learn.trainer import train
+from wsiproc.learn.training import TrainConfig, TrainingImage
 
 
 def main() -> None:

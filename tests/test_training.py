@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from wsiproc.learn import datasets
 from wsiproc.cli import main
-from wsiproc.learn.training import BlockSampler, TrainConfig, TrainingImage, augment_block, draw_targets, train
+from wsiproc.learn.trainer import train
+from wsiproc.learn.training import BlockSampler, TrainConfig, TrainingImage, augment_block, draw_targets
 
 
 def test_each_point_becomes_a_disk_of_radius_4_px() -> None:

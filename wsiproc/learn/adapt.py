@@ -529,7 +529,7 @@ def adapt(inputs: list[Path], out_path: Path, work_dir: Path, run_cfg: RunConfig
     if len(store) == 0:
         raise ValueError("no confident nuclei were found in any slide of the cohort: nothing to adapt on "
                          "(is the cohort H&E? is the base model right for it?)")
-    from .training import train
+    from .trainer import train
 
     train_cfg = TrainConfig(block_px=cfg.block_px, batch_size=cfg.batch_size, epochs=cfg.epochs,
                             steps_per_epoch=cfg.steps_per_epoch, learning_rate=cfg.learning_rate, seed=cfg.seed,

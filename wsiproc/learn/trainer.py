@@ -27,11 +27,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
-from .training import AugmentConfig, BlockSource
+from .training import AugmentConfig, BlockSampler, BlockSource, TrainConfig, TrainingImage
 
 #: Layer groups a recipe can train: everything, or everything after the VGG stem (blocks 1–2 kept fixed; networks
 #: without one train everything).
@@ -360,3 +360,49 @@ def step_progress(label: str, stream=sys.stderr) -> tuple[ProgressFn, Callable[[
     return update, close
 
 
+def train(
+    images: "Sequence[TrainingImage] | BlockSource",
+    out_path: str | Path,
+    cfg: TrainConfig = TrainConfig(),
+    checkpoint_dir: str | Path | None = None,
+    vgg16_weights: str | Path | None = None,
+    init_model: str | Path | None = None,
+    verbose: int = 1,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """The paper's epoch-counted recipe (and `wsiproc adapt`'s fine-tuning) through the one loop, `trainer.fit`.
+
+    A checkpoint (`last.keras` with the optimiser state, plus `state.json`) is written after every epoch
+    into `checkpoint_dir`; calling again with the same folder continues from the last finished epoch (a larger
+    `epochs` continues a finished run). `init_model` starts from an existing model's weights.
+    Returns the state with `epoch` (epochs done) and per-epoch `history` entries.
+    """
+    out_path = Path(out_path)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else out_path.with_name(out_path.stem + "_checkpoints")
+    sampler = images if hasattr(images, "batch") else BlockSampler(images, cfg)  # type: ignore[arg-type]
+    spe = cfg.steps_per_epoch or sampler.default_steps_per_epoch()
+    recipe = Recipe("paper", crop_px=cfg.block_px, batch_size=cfg.batch_size, disk_radius_px=cfg.disk_radius_px,
+                    learning_rate=cfg.learning_rate, steps=cfg.epochs * spe, decay_at=1.0, seed=cfg.seed,
+                    trainable="all", augment=AugmentConfig.flips_only())
+    start = Start(init_model=Path(init_model) if init_model else None, arch=cfg.arch,
+                  vgg16_weights=Path(vgg16_weights) if vgg16_weights else None, freeze_vgg=cfg.freeze_vgg, dropout=cfg.dropout)
+    update, close = step_progress(out_path.name) if verbose else (None, lambda: None)
+    done_epochs = [0]
+
+    def progress(step: int, *rest) -> None:
+        if update is not None:
+            update(step, *rest)
+        if on_epoch is not None and step % spe == 0 and step // spe > done_epochs[0]:
+            done_epochs[0] = step // spe
+            on_epoch(done_epochs[0], {})
+
+    try:
+        state = fit(sampler, out_path, recipe, ckpt_dir, start=start, checkpoint_s=180.0,
+                    steps_per_epoch=spe, progress=progress)
+    finally:
+        close()
+    state["epoch"] = state["step"] // spe
+    state["config"] = dataclasses.asdict(cfg)
+    for entry in state["history"]:
+        entry["epoch"] = entry["step"] // spe
+    return state
