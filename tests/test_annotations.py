@@ -1,4 +1,5 @@
-"""Annotation readers: every format gives the same thing, {image: (N, 2) x, y in level-0 pixel indices}."""
+"""Annotation readers: every format gives the same thing, {image: (N, 2) x, y in level-0 pixel indices}, and, with
+`read_labelled_points`, each point's class label where the format names one."""
 from __future__ import annotations
 
 import csv
@@ -12,7 +13,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from wsiproc.evaluate.annotations import image_key, label_centroids, read_imagescope_regions, read_label_map, read_points
+from wsiproc.evaluate.annotations import (image_key, label_centroids, read_imagescope_regions, read_label_map,
+                                          read_labelled_points, read_points)
 
 MONUSEG_IMAGE = "TCGA-18-5592-01Z-00-DX1"
 
@@ -85,6 +87,53 @@ def test_broken_csv_names_file_and_problem(tmp_path: Path, text: str, message: s
         read_points(path)
 
 
+def test_csv_class_column_gives_labels_grouped_like_the_points(tmp_path: Path) -> None:
+    path = tmp_path / "points.csv"
+    path.write_text("image,x,y,class\nb,1,2,lymphocyte\na,3,4,stromal\nb,5,6,\na,7,8,tumor_epithelial\n")
+
+    points = read_labelled_points(path)
+
+    assert list(points) == ["b", "a"]  # file order, as read_points
+    np.testing.assert_array_equal(points["b"].xy, [[1, 2], [5, 6]])
+    assert points["b"].labels.tolist() == ["lymphocyte", None]  # an empty cell is no label
+    assert points["a"].labels.tolist() == ["stromal", "tumor_epithelial"]
+    assert read_labelled_points(path, image="a")["a"].labels.tolist() == ["stromal", "tumor_epithelial"]
+    np.testing.assert_array_equal(read_points(path)["b"], points["b"].xy)
+
+
+@pytest.mark.parametrize(
+    ("header", "rows", "labels"),
+    [
+        ("x,y,Classification", ["1,2,Tumor", "3,4,Stroma"], ["Tumor", "Stroma"]),
+        ("x,y,type", ["1,2,1", "3,4,2"], ["1", "2"]),  # numbered types are classes (users map them)
+        ("X, Y ,label", ["1,2,tumour", "3,4,stroma"], ["tumour", "stroma"]),
+        ("label,x,y,area_px", ["1,1,2,30", "2,3,4,31"], None),  # MoNuSeg's instance ids: no classes
+        ("x,y,label,class", ["1,2,7,Tumor", "3,4,8,"], ["Tumor", None]),  # `class` wins over `label`
+        ("x,y,confidence", ["1,2,0.9", "3,4,0.8"], None),
+        ("x,y,class", ["1,2,", "3,4,"], None),  # a class column nobody filled in
+    ],
+)
+def test_csv_class_column_names(tmp_path: Path, header: str, rows: list[str], labels: list | None) -> None:
+    path = tmp_path / "slide.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+
+    points = read_labelled_points(path)["slide"]
+
+    np.testing.assert_array_equal(points.xy, [[1, 2], [3, 4]])
+    assert (points.labels.tolist() if points.labels is not None else None) == labels
+
+
+def test_data_set_tables_carry_their_classes(shared_data: Path) -> None:
+    brca = read_labelled_points(shared_data / "brca-m2c/points.csv")
+    labels = np.concatenate([p.labels for p in brca.values()])
+    assert len(brca) == 120 and len(labels) == 30_638
+    assert {k: int(n) for k, n in zip(*np.unique(labels, return_counts=True))} == {
+        "lymphocyte": 5_859, "stromal": 7_981, "tumor_epithelial": 16_798}  # ../shared/data/README.md
+    assert all(p.labels is None for p in read_labelled_points(shared_data / "crc-dev/points.csv").values())
+    monuseg = read_labelled_points(shared_data / "monuseg-train/centroids" / f"train_{MONUSEG_IMAGE}_from_masks.csv")
+    assert monuseg[MONUSEG_IMAGE].labels is None  # label,x,y,area_px: instance ids
+
+
 # ---------------------------------------------------------------------------------- CellCounter XML
 
 CELLCOUNTER_XML = """<?xml version="1.0" encoding="UTF-8"?>
@@ -124,6 +173,17 @@ def test_cellcounter_markers_of_all_types_keyed_by_their_image(tmp_path: Path) -
     assert list(read_points(path, image="renamed")) == ["renamed"]
 
 
+def test_cellcounter_labels_are_the_counter_names_or_type_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "counts.xml"
+    unnamed = "<Marker_Type><Type>4</Type><Marker><MarkerX>1</MarkerX><MarkerY>2</MarkerY></Marker></Marker_Type>"
+    path.write_text(CELLCOUNTER_XML.format(filename="slide-12.tif").replace("</Marker_Data>", unnamed + "</Marker_Data>"))
+
+    points = read_labelled_points(path)["slide-12"]
+
+    np.testing.assert_array_equal(points.xy, [[120, 45], [7, 300], [64, 0], [1, 2]])
+    assert points.labels.tolist() == ["Nucleus", "Nucleus", "Mitosis", "Type 4"]
+
+
 def test_cellcounter_without_image_filename_is_named_after_the_file(tmp_path: Path) -> None:
     path = tmp_path / "CellCounter_slide-12.xml"  # the name Fiji proposes
     path.write_text(CELLCOUNTER_XML.format(filename=""))
@@ -156,6 +216,7 @@ def test_imagescope_region_centroids_match_the_published_table(shared_data: Path
         # The table repaired self-crossing outlines with buffer(0), which drops slivers that make_valid keeps.
         np.testing.assert_allclose(points[image], [(float(r["x"]), float(r["y"])) for r in expected], atol=0.05)
         assert [name for name, _ in regions] == [r["class"] for r in expected]
+        assert read_labelled_points(folder / f"{image}.xml")[image].labels.tolist() == [r["class"] for r in expected]
     assert len(table) == 640
 
 
@@ -208,6 +269,17 @@ def test_imagescope_centroid_is_the_area_centroid_even_for_odd_outlines(tmp_path
     np.testing.assert_allclose([c for _, c in regions], [[5, 5], [102, 54], [5, 5], [2, 2]], atol=1e-9)
 
 
+def test_imagescope_layers_without_a_class_give_no_labels(tmp_path: Path) -> None:
+    path = tmp_path / "layer.xml"
+    path.write_text(_imagescope(_region([(0, 0), (4, 0), (4, 4), (0, 4)])).replace(
+        '<Attribute Name="Lymphocyte" Id="0" Value=""/>', '<Attribute Name="Description" Id="0" Value=""/>'))
+
+    points = read_labelled_points(path)["layer"]
+
+    np.testing.assert_allclose(points.xy, [[2, 2]])
+    assert points.labels is None  # ImageScope's default attribute and an unnamed layer name no class
+
+
 def test_unknown_xml_is_rejected_by_its_root_element(tmp_path: Path) -> None:
     path = tmp_path / "other.xml"
     path.write_text("<Document><Marker/></Document>")
@@ -258,6 +330,7 @@ def test_label_map_files_give_one_centroid_per_label(tmp_path: Path, name: str) 
     assert list(points) == ["cells"]
     np.testing.assert_array_equal(points["cells"], [[2.5, 1.5], [7.0, 5.0]])
     assert read_label_map(path).max() == 700
+    assert read_labelled_points(path)["cells"].labels is None  # masks name no class
 
 
 def test_images_that_are_not_label_maps_are_rejected(tmp_path: Path) -> None:
@@ -321,6 +394,35 @@ def test_qupath_list_of_features_gzipped(tmp_path: Path) -> None:
     points = read_points(path)
 
     np.testing.assert_array_equal(points["slide"], [[3, 4], [30.25, 40.5]])
+
+
+def _classified(x: float, y: float, classification: object) -> dict:
+    feature = _qupath_detection(x, y)
+    if classification is not None:
+        feature["properties"]["classification"] = classification
+    return feature
+
+
+def test_qupath_classifications_of_every_version_are_labels(tmp_path: Path) -> None:
+    multi = {"type": "Feature", "geometry": {"type": "MultiPoint", "coordinates": [[5, 6], [7, 8]]},
+             "properties": {"objectType": "annotation", "classification": {"name": "Immune cells", "color": [160, 90, 160]}}}
+    features = [
+        _classified(1, 2, {"name": "Tumor", "color": [200, 0, 0]}),  # QuPath 0.2-0.5
+        _classified(3, 4, "Stroma"),  # before 0.2: the name as a string
+        _classified(9, 9, {"names": ["Tumor", "Positive"], "color": [200, 0, 0]}),  # 0.4+: a derived class, joined
+        _classified(9, 8, None),  # unclassified
+        multi,  # a Points annotation: every point has its class
+    ]
+    path = tmp_path / "slide.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+
+    points = read_labelled_points(path)["slide"]
+
+    np.testing.assert_array_equal(points.xy, [[1, 2], [3, 4], [9, 9], [9, 8], [5, 6], [7, 8]])
+    assert points.labels.tolist() == ["Tumor", "Stroma", "Tumor: Positive", None, "Immune cells", "Immune cells"]
+
+    path.write_text(json.dumps([_qupath_detection(1, 2), _qupath_detection(3, 4)]))
+    assert read_labelled_points(path)["slide"].labels is None  # nothing classified: no classes
 
 
 def test_geojson_is_recognised_by_content_whatever_its_extension(tmp_path: Path) -> None:

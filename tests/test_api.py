@@ -30,13 +30,14 @@ def test_detect_and_run_batch_read_like_the_readme(tmp_path: Path, predictor) ->
     assert [o.status for o in outcomes] == ["done"], lines
     record = json.loads((tmp_path / f"{SAMPLE.stem}.json").read_text())
     assert record["nuclei"] == len(nuclei)  # the batch writes what detect returns
-    csv = np.loadtxt(tmp_path / f"{SAMPLE.stem}.csv", delimiter=",", skiprows=1, ndmin=2)
+    csv = np.loadtxt(tmp_path / f"{SAMPLE.stem}.csv", delimiter=",", skiprows=1, ndmin=2, usecols=range(6))
     assert np.allclose(np.sort(csv[:, 0]), np.sort(nuclei.x_px), atol=0.005)
     assert (tmp_path / "summary.csv").is_file()
 
 
 def test_public_names_are_the_documented_ones() -> None:
-    assert set(wsiproc.__all__) == {"__version__", "open_slide", "RunConfig", "detect", "run_batch", "Detections"}
+    assert set(wsiproc.__all__) == {"__version__", "open_slide", "RunConfig", "detect", "run_batch", "Detections",
+                                  "CLASSES"}
     assert {"detect", "run_batch"} <= set(dir(wsiproc))
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from wsiproc.detection.classes import CLASSES
 from click.testing import CliRunner
 from PIL import Image
 
@@ -49,7 +51,8 @@ def test_bad_inputs_get_one_line_each_and_the_batch_goes_on(tmp_path: Path, slid
     assert "Traceback" not in result.output
     assert (out / "case 7 (HE).json").is_file()
     assert "done 1, skipped 0, failed 6 of 7 inputs" in result.output
-    results = sorted(f"case 7 (HE){s}" for s in (".csv", ".geojson", ".json", "_density.png", "_density.tiff", "_qc.png"))
+    per_class = tuple(f"_density_{c}.tiff" for c in CLASSES)  # the shipped model has a class head
+    results = sorted(f"case 7 (HE){s}" for s in (".csv", ".geojson", ".json", "_density.png", "_density.tiff", "_qc.png", *per_class))
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted([*results, "summary.csv"])
     assert not list(out.glob(".*.claim")) and not list(out.glob("*.partial"))
 

@@ -12,6 +12,7 @@ import tifffile
 from click.testing import CliRunner
 
 from wsiproc.cli import SAMPLE_SLIDE, main
+from wsiproc.detection.classes import CLASSES, QUPATH_CLASSES
 
 H_AND_E = ["monusac/A9K0_1.svs", "monusac/A9K0_2.svs", "monusac/A9K0_3.svs", "OS-1-detail.ome.tif",
            "dicom-cmu1/level-0-frames-0-30.dcm"]
@@ -49,7 +50,7 @@ def test_outputs_agree_with_each_other_and_the_slide(batch, name: str) -> None:
     mpp = record["mpp_used"]
     with open(out / f"{stem}.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["x", "y", "x_um", "y_um", "confidence", "area_um2"]
+    assert list(rows[0]) == ["x", "y", "x_um", "y_um", "confidence", "area_um2", "class", *(f"p_{c}" for c in CLASSES)]
     n = record["nuclei"]
     assert len(rows) == n >= 3  # A9K0_3 is a 97 × 36 µm sliver with few nuclei
     x = np.array([float(r["x"]) for r in rows])
@@ -72,14 +73,39 @@ def test_geojson_is_a_qupath_feature_collection(batch) -> None:
     record = json.loads((out / f"{stem}.json").read_text())
     assert collection["type"] == "FeatureCollection" and len(collection["features"]) == record["nuclei"]
     ids = set()
+    names: dict[str, int] = {}
     for feature in collection["features"]:
         assert feature["type"] == "Feature" and feature["geometry"]["type"] == "Point"
         ids.add(str(uuid.UUID(feature["id"])))
         props = feature["properties"]
         assert props["objectType"] == "detection"
-        assert props["classification"]["name"] == "Nucleus" and len(props["classification"]["color"]) == 3
-        assert set(props["measurements"]) == {"confidence", "area µm^2"}
+        names[props["classification"]["name"]] = names.get(props["classification"]["name"], 0) + 1
+        assert len(props["classification"]["color"]) == 3
+        assert set(props["measurements"]) == {"confidence", "area µm^2", *(f"p_{c}" for c in CLASSES)}
+        assert sum(props["measurements"][f"p_{c}"] for c in CLASSES) == pytest.approx(1.0, abs=3e-4)
     assert len(ids) == record["nuclei"]
+    # Every nucleus is classified as a type QuPath users know (docs/qupath.md), counted as the record counts them.
+    assert names == {QUPATH_CLASSES[c][0]: record["classes"][c]["nuclei"] for c in CLASSES if record["classes"][c]["nuclei"]}
+
+
+def test_every_nucleus_has_a_class_and_the_per_class_counts_add_up(batch) -> None:
+    out, _ = batch
+    stem = SAMPLE_SLIDE.stem
+    record = json.loads((out / f"{stem}.json").read_text())
+    rows = (out / f"{stem}.csv").read_text().splitlines()
+    assert rows[0] == "x,y,x_um,y_um,confidence,area_um2,class,p_epithelial,p_inflammatory,p_stromal"
+    classes = [r.split(",")[6] for r in rows[1:]]
+    assert set(classes) <= set(CLASSES) and len(classes) == record["nuclei"]
+    counts = {c: classes.count(c) for c in CLASSES}
+    assert {c: record["classes"][c]["nuclei"] for c in CLASSES} == counts
+    assert sum(counts.values()) == record["nuclei"] and min(counts.values()) > 0  # the sample has all three types
+    with open(out / "summary.csv", newline="") as fh:
+        [row] = [r for r in csv.DictReader(fh) if Path(r["input"]).stem == stem]
+    assert sum(int(row[c]) for c in CLASSES) == int(row["nuclei"])
+    assert sum(float(row[f"{c}_per_mm2"]) for c in CLASSES) == pytest.approx(float(row["nuclei_per_mm2"]), rel=1e-3)
+    for c in CLASSES:
+        density = tifffile.imread(out / f"{stem}_density_{c}.tiff")
+        assert density.sum() == pytest.approx(counts[c])
 
 
 def test_sample_slide_finds_a_plausible_number_of_nuclei(batch) -> None:

@@ -8,8 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from wsiproc.cli import main
+from wsiproc.detection.classes import CLASSES
+from wsiproc.detection.model import DEFAULT_MODEL_PATH
 from wsiproc.evaluate.annotations import read_points, read_regions
 from wsiproc.learn import datasets
 from wsiproc.learn.annotated import fixed_held_out, load_domains
@@ -130,6 +133,9 @@ def test_fine_tuning_the_shipped_model_on_qupath_points_trains_resumes_and_check
     assert checked["domain"] == "lab" and checked["images"] == 1
     assert 0.3 < checked["before"]["f1"] <= 1 and 0 <= checked["after"]["f1"] <= 1
     assert "| lab | 1 |" in result.output and "F1 change" in result.output
+    # Its points name no nucleus type ("Nucleus"): the detector was trained, the shipped class head kept as it was.
+    assert record["task"] == "detection" and record["class_head"]["retrained"] is False
+    assert "class head was kept unchanged" in result.output
     # Resume: the same command with a larger budget continues from the checkpoint.
     result = CliRunner().invoke(main, args(3))
     assert result.exit_code == 0, result.output
@@ -214,3 +220,49 @@ def test_bfloat16_training_computes_in_bfloat16_with_a_float32_output() -> None:
     x = np.random.default_rng(0).uniform(0, 1, (1, 64, 64, 3)).astype(np.float32)
     reference = load_model()(x, training=False)
     assert float(np.abs(np.asarray(model(x, training=False)) - np.asarray(reference)).max()) < 0.05
+
+
+def _qupath_classified(points_xy: np.ndarray, labels: list[str]) -> dict:
+    """QuPath's export of classified points: one Points annotation per class, as its Points tool makes them."""
+    features = []
+    for i, name in enumerate(sorted(set(labels))):
+        xy = points_xy[np.asarray(labels) == name]
+        features.append({"type": "Feature", "id": f"6a4e3c1e-0000-4000-8000-00000000010{i}",
+                         "geometry": {"type": "MultiPoint", "coordinates": xy.tolist()},
+                         "properties": {"objectType": "annotation", "classification": {"name": name, "color": [0, 0, 255]}}})
+    return {"type": "FeatureCollection", "features": features}
+
+
+def test_teaching_nucleus_types_from_classified_qupath_points_keeps_detection_as_it_was(tmp_path: Path, shared_data: Path) -> None:
+    """Three CoNSeP images whose points a lab classified in QuPath as Tumor / Immune cells / its own "CAF"
+    (mapped with --class-map): `--task classes` trains the class head on the frozen trunk and checks it."""
+    from wsiproc.detection.inference import Predictor
+
+    lab = tmp_path / "lab"
+    (lab / "images").mkdir(parents=True)
+    (lab / "points").mkdir()
+    qupath_name = {"epithelial": "Tumor", "inflammatory": "Immune cells", "spindle_other": "CAF"}
+    for im in datasets.domain("consep", shared_data, "train")[:3]:
+        shutil.copy(im.path, lab / "images" / im.path.name)
+        labels = [qupath_name[str(v)] for v in im.labels]
+        (lab / "points" / f"{im.name}.geojson").write_text(json.dumps(_qupath_classified(im.points_xy, labels)))
+    out = tmp_path / "types.keras"
+    args = ["train", "--images", str(lab / "images"), "--points", str(lab / "points"), "--mpp", "0.5", "--init-model",
+            "default", "--task", "classes", "--out", str(out), "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "CAF map to no class" in result.output  # named, not silently dropped
+    result = CliRunner().invoke(main, [*args, "--class-map", "CAF=stromal"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.with_suffix(".json").read_text())
+    head = record["class_head"]
+    assert record["task"] == "classes" and head["images"] == 2  # the third image is held out for the check
+    assert all(n > 0 for n in head["examples_per_class"].values()) and head["class_map"]["user"] == {"caf": "stromal"}
+    (checked,) = record["check"]["classes"]
+    assert checked["domain"] == "lab" and set(checked) >= {"before", "after"}
+    assert 0.3 < checked["after"]["f_d"] <= 1 and all(0 < checked["after"][f"f_c_{c}"] <= 1 for c in CLASSES)
+    assert "F_c epithelial" in result.output
+    # The detector is the one it started from, bit for bit: only the class head learnt.
+    rgb = np.asarray(Image.open(lab / "images" / "train_3.png").convert("RGB"))[None, :128, :128]
+    new, old = (Predictor(p, precision="float32", engine="tensorflow") for p in (out, DEFAULT_MODEL_PATH))
+    np.testing.assert_array_equal(new(rgb), old(rgb))
+    assert new.classes == CLASSES and not np.array_equal(new.maps(rgb)[1], old.maps(rgb)[1])

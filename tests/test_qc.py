@@ -98,3 +98,25 @@ def test_crop_grows_with_large_cells() -> None:
     density[2, 1] = 5
     crop = qc_crop(density, 500.0, (2000.0, 2000.0))
     assert crop.width_um >= 500 and crop.x0_um <= 500 and crop.x1_um >= 1000 and crop.y0_um <= 1000 and crop.y1_um >= 1500
+
+
+def test_qc_png_with_classes_on_annotated_monusac_slide(slides: Path, tmp_path: Path) -> None:
+    """With nucleus types the zoom's circles take their class' colour, with a legend; the picture stays a real PNG
+    the size of the one without classes."""
+    from wsiproc.detection.classes import CLASS_COLOURS_HEX, CLASSES
+
+    path, plain = _annotated(slides, "A9K0_1")
+    probs = np.random.default_rng(1).dirichlet([1, 1, 1], len(plain)).astype(np.float32)
+    det = Detections(plain.x_px, plain.y_px, plain.confidence, plain.area_um2, probs)
+    sampler, mask, density, mpp0, _ = _qc_inputs(path, det, 50.0)
+    rgb = _assert_picture(write_qc_png(tmp_path / "classes_qc.png", sampler, mask, det, density, mpp0, 50.0), 1200)
+    plain_rgb = _assert_picture(write_qc_png(tmp_path / "plain_qc.png", sampler, mask, plain, density, mpp0, 50.0), 1200)
+    assert rgb.shape == plain_rgb.shape and not np.array_equal(rgb, plain_rgb)
+
+    def has_colour(image: np.ndarray, hex_colour: str) -> bool:
+        target = np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)], np.float32)
+        return bool((np.abs(image - target).max(axis=2) < 30).sum() > 20)
+
+    zoom = rgb[:, int(0.7 * rgb.shape[1]) :]  # the zoom panel and its legend (the density's colours are left of it)
+    assert all(has_colour(zoom, CLASS_COLOURS_HEX[c]) for c in CLASSES)  # every class drawn (circles and legend)
+    assert not has_colour(plain_rgb[:, int(0.7 * rgb.shape[1]) :], CLASS_COLOURS_HEX["epithelial"])

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from wsiproc.detection.classes import CLASSES, QUPATH_CLASSES
 from wsiproc.detection.detections import Detections
 from wsiproc.outputs.formats import write_csv, write_geojson
 
@@ -54,8 +55,14 @@ def _load(path: Path) -> dict:
         return json.load(fh, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
 
 
+@pytest.mark.parametrize("classes", [False, True])
 @pytest.mark.parametrize("gz", [False, True])
-def test_geojson_follows_qupath_reader(det: Detections, tmp_path: Path, gz: bool) -> None:
+def test_geojson_follows_qupath_reader(det: Detections, tmp_path: Path, gz: bool, classes: bool) -> None:
+    if classes:  # nucleus types: each detection of its class' QuPath class, with a probability per class
+        probs = np.random.default_rng(2).dirichlet([1, 1, 1], len(det)).astype(np.float32)
+        det = Detections(det.x_px, det.y_px, det.confidence, det.area_um2, probs)
+    names = {QUPATH_CLASSES[c][0]: list(QUPATH_CLASSES[c][1]) for c in CLASSES} if classes else {"Nucleus": [200, 0, 120]}
+    measurement_names = {"confidence", "area \u00b5m^2", *(f"p_{c}" for c in CLASSES if classes)}
     path = write_geojson(tmp_path / ("s.geojson.gz" if gz else "s.geojson"), det, MPP, gzip=gz)
     collection = _load(path)
     assert collection["type"] == "FeatureCollection"
@@ -80,17 +87,20 @@ def test_geojson_follows_qupath_reader(det: Detections, tmp_path: Path, gz: bool
         assert "object_type" not in props and "type" not in props  # no competing type keys
 
         cls = props["classification"]
-        assert isinstance(cls, dict) and isinstance(cls["name"], str) and cls["name"] == "Nucleus"
+        assert isinstance(cls, dict) and isinstance(cls["name"], str) and cls["name"] in names
         color = cls["color"]
+        assert color == names[cls["name"]]
         assert isinstance(color, list) and len(color) == 3
         assert all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in color)
 
         measurements = props["measurements"]
-        assert isinstance(measurements, dict) and set(measurements) == {"confidence", "area \u00b5m^2"}
+        assert isinstance(measurements, dict) and set(measurements) == measurement_names
         for value in measurements.values():
             assert isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         assert 0.5 <= measurements["confidence"] <= 1.0
+        assert all(0.0 <= measurements[f"p_{c}"] <= 1.0 for c in CLASSES if classes)
     assert len(ids) == len(features)
+    assert {f["properties"]["classification"]["name"] for f in features} == set(names)
 
 
 def test_geojson_points_are_csv_pixel_indices_plus_half(det: Detections, tmp_path: Path) -> None:

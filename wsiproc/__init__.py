@@ -6,6 +6,7 @@ The public API, the way tiffslide and openslide-python offer theirs::
 
     slide = wsiproc.open_slide("case.svs")                     # any slide or plain image (pass mpp= if it has none)
     nuclei = wsiproc.detect(slide)                             # wsiproc.Detections, level-0 pixel coordinates
+    nuclei.classes, nuclei.class_probs                         # epithelial / inflammatory / stromal (wsiproc.CLASSES)
     nuclei = wsiproc.detect("case.svs", wsiproc.RunConfig(threshold=0.6))
     outcomes = wsiproc.run_batch(["a.svs", "b.svs"], "results/")  # what `wsiproc run` does
 
@@ -26,6 +27,7 @@ _PUBLIC = {
     "open_slide": "wsiproc.io.slide",
     "RunConfig": "wsiproc.config",
     "Detections": "wsiproc.detection.detections",
+    "CLASSES": "wsiproc.detection.classes",
     "detect": "wsiproc.api",
     "run_batch": "wsiproc.api",
 }

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .errors import problem
 from .detection.model import MODEL_MPP, RECEPTIVE_RADIUS_PX, SIZE_MULTIPLE_PX, size_multiple
+from .detection.classes import CLASS_READ_RADIUS_PX
 from .detection.postprocess import POSTPROCESSES, Postprocess
 
 
@@ -29,6 +30,7 @@ class RunConfig:
     strict: bool = False  # a tile that cannot be decoded fails the slide (default: skipped and reported)
     precision: str = "auto"  # auto | float32 | bfloat16 | int8 | mixed_float16 (see wsiproc.detection.engines.resolve)
     engine: str = "auto"  # auto (OpenVINO on a CPU, TensorFlow on a GPU) | openvino | tensorflow
+    classes: bool = True  # nucleus types (wsiproc.detection.classes) in every output, where the model has a class head
 
     def validate(self) -> "RunConfig":
         problems = []
@@ -70,7 +72,8 @@ class RunConfig:
                 raise ValueError(f"halo_px must be a multiple of {multiple} for this model (got {self.halo_px})")
             return self.halo_px
         radius = int(geometry.get("receptive_radius_px") or RECEPTIVE_RADIUS_PX)
-        need = max(RECEPTIVE_RADIUS_PX, radius + self.postprocessor().reach_px)
+        class_radius = int(geometry.get("class_receptive_radius_px") or 0)  # read at centroids, in the core
+        need = max(RECEPTIVE_RADIUS_PX, radius + self.postprocessor().reach_px, class_radius + CLASS_READ_RADIUS_PX)
         return -(-need // multiple) * multiple
 
     def to_dict(self) -> dict:

@@ -39,6 +39,8 @@ SAMPLE_SLIDE = Path(__file__).parents[1] / "sample" / "CMU-1-Small-Region.svs"
 @click.option("--min-distance-um", type=float, default=RunConfig.min_distance_um, show_default=True,
               help="peaks: nuclei closer than this are one.")
 @click.option("--no-tissue-mask", is_flag=True, help="Send every tile to the model, background included.")
+@click.option("--no-classes", is_flag=True, help="Leave out the nucleus types (epithelial, inflammatory, stromal) of a "
+              "model with a class head: the outputs of a detector alone.")
 @click.option("--density-cell-um", type=float, default=RunConfig.density_cell_um, show_default=True)
 @click.option("--geojson-gz", is_flag=True, help="Write <stem>.geojson.gz instead of <stem>.geojson.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -54,10 +56,11 @@ SAMPLE_SLIDE = Path(__file__).parents[1] / "sample" / "CMU-1-Small-Region.svs"
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the final summary.")
 @click.pass_context
 def run(ctx: click.Context, inputs: tuple[Path, ...], sample: bool, out_dir: Path, model_path: Path | None, mpp: float | None, tile_px: int, halo_px: int,
-        batch_size: int, precision: str, engine: str, threshold: float, postprocess: str, min_distance_um: float, no_tissue_mask: bool, density_cell_um: float, geojson_gz: bool,
-        config_file: Path | None, strict: bool, resume: bool, scheduler: str | None, workers: int, claim_timeout: str,
+        batch_size: int, precision: str, engine: str, threshold: float, postprocess: str, min_distance_um: float, no_tissue_mask: bool, no_classes: bool, density_cell_um: float,
+        geojson_gz: bool, config_file: Path | None, strict: bool, resume: bool, scheduler: str | None, workers: int, claim_timeout: str,
         quiet: bool) -> None:
-    """Detect nuclei in every INPUT and write <stem>.csv, .geojson, _density.tiff/.png and .json to --out.
+    """Detect nuclei in every INPUT and write <stem>.csv, .geojson, _density.tiff/.png and .json to --out
+    (with a model that has a class head, also each nucleus' type and _density_<class>.tiff; see --no-classes).
 
     Several processes may share the inputs and --out (SLURM array jobs, machines on an NFS folder): each slide
     is claimed and computed once; summary.csv in --out lists every input.
@@ -74,6 +77,7 @@ def run(ctx: click.Context, inputs: tuple[Path, ...], sample: bool, out_dir: Pat
         "model_path": ("model_path", model_file), "mpp": ("mpp", mpp),
         "tile_px": ("tile_px", tile_px), "halo_px": ("halo_px", halo_px), "batch_size": ("batch_size", batch_size),
         "threshold": ("threshold", threshold), "tissue_mask": ("no_tissue_mask", not no_tissue_mask),
+        "classes": ("no_classes", not no_classes),
         "postprocess": ("postprocess", postprocess), "min_distance_um": ("min_distance_um", min_distance_um),
         "density_cell_um": ("density_cell_um", density_cell_um), "geojson_gz": ("geojson_gz", geojson_gz),
         "strict": ("strict", strict), "precision": ("precision", precision), "engine": ("engine", engine),

@@ -41,21 +41,29 @@ from ..errors import UsageError
 @click.option("--checkpoint-s", type=float, default=180.0, show_default=True, help="Seconds between checkpoints.")
 @click.option("--seed", type=int)
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), help="Checkpoint folder (default: <out>_checkpoints); rerun to resume.")
+@click.option("--task", type=click.Choice(["auto", "detection", "classes", "both"]), default="auto", show_default=True,
+              help="What to teach: the detector, the nucleus-type head (on the frozen trunk of --init-model), or both in "
+              "turn; auto: both where the labels name classes (epithelial, inflammatory, stromal), else the detector.")
+@click.option("--class-map", "class_map_spec", help="Your label names → classes, e.g. 'Tumor cells=epithelial,TILs=inflammatory,"
+              "Unsure=ignore' (names the data sets and QuPath use are known already).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(images_spec: str | None, points_spec: str | None, mpp: float | None, held_out_spec: str | None, domains_file: Path | None,
           data_root: Path | None, out_path: Path, init_model: str | None, recipe: str | None, arch: str, init_vgg16: Path | None,
           freeze_vgg: bool, steps: int | None, minutes: float | None, lr: float | None, batch_size: int | None,
           crop_px: int | None, trainable: str | None, shipped_share: float | None, precision: str, workers: int,
-          checkpoint_s: float, seed: int | None, work: Path | None, quiet: bool) -> None:
+          checkpoint_s: float, seed: int | None, work: Path | None, task: str, class_map_spec: str | None, quiet: bool) -> None:
     """Train a detector on annotated images, then check it on held-out images against the model it started from.
 
     \b
     Fine-tune the shipped model on a lab's own points (minutes on a CPU):
       wsiproc train --images lab/ --points lab.geojson --mpp 0.5 --init-model default --out lab.keras
+    Teach the shipped model your lab's nucleus types (points with classes; the detector stays as it is):
+      wsiproc train --images lab/ --points lab.geojson --mpp 0.5 --init-model default --task classes --out lab.keras
     Retrain the shipped default from scratch (configs/domains.yaml: the four built-in data sets):
-      wsiproc train --domains configs/domains.yaml --init-vgg16 vgg16_block1_2.npz --out default.keras
+      wsiproc train --domains configs/domains.yaml --init-vgg16 vgg16_block1_2.npz --task detection --out default.keras
     Rerunning the same command resumes from the last checkpoint.
     """
+    from ..detection.classes import ClassMap
     from ..detection.model import resolve_model_path
     from ..learn.annotated import builtin_domain, lab_domain, load_domains
     from ..learn.datasets import DOMAINS
@@ -102,19 +110,28 @@ def train(images_spec: str | None, points_spec: str | None, mpp: float | None, h
     if name == "paper" and len(domains) > 1:
         raise UsageError("the paper's recipe trains on one domain; give one")
 
+    try:
+        class_map = ClassMap.parse(class_map_spec)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     start = Start(init_model=start_path, arch=arch, vgg16_weights=init_vgg16, freeze_vgg=freeze_vgg)
     update, close = step_progress(out_path.name) if not quiet else (None, lambda: None)
     try:
         result = train_on_domains(domains, out_path, chosen, start, work_dir=work, precision=precision, workers=workers,
                                   checkpoint_s=checkpoint_s, check_domains=check_domains, progress=update,
-                                  echo=lambda line: click.echo(line, err=True))
+                                  echo=lambda line: click.echo(line, err=True), task=task, class_map=class_map)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     finally:
         close()
-    t = result.provenance["training"]
-    history = t["history"]
-    click.echo(f"saved {out_path}: {t['steps']} steps in {t['seconds'] / 60:.1f} min ({result.provenance['precision']})"
-               + (f", loss {history[0]['loss']:.4f} → {history[-1]['loss']:.4f}" if history else ""))
+    t = result.provenance.get("training")
+    if t is not None:
+        history = t["history"]
+        click.echo(f"saved {out_path}: {t['steps']} steps in {t['seconds'] / 60:.1f} min ({result.provenance['precision']})"
+                   + (f", loss {history[0]['loss']:.4f} → {history[-1]['loss']:.4f}" if history else ""))
+    head = result.provenance.get("class_head") or {}
+    if head.get("retrained", True) and "examples_per_class" in head:
+        per_class = ", ".join(f"{c} {n}" for c, n in head["examples_per_class"].items())
+        click.echo(f"saved {out_path}: class head on {head['images']} images ({per_class} labelled examples, all views)")
     click.echo(result.table())
     click.echo(f"record: {provenance_path(out_path)}")

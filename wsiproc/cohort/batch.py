@@ -32,7 +32,12 @@ from .one_slide import run_slide
 
 #: Parameters that change what a run writes; the others (workers, batch size, strictness) do not.
 OUTPUT_PARAMETERS = ("model_mpp", "mpp", "tile_px", "halo_px", "threshold", "postprocess", "min_distance_um",
-                     "smooth_sigma_um", "merge_radius_um", "tissue_mask", "density_cell_um", "geojson_gz", "precision", "engine")
+                     "smooth_sigma_um", "merge_radius_um", "tissue_mask", "density_cell_um", "geojson_gz", "precision", "engine",
+                     "classes")
+#: Output parameters added after records were first written, and what a record without one ran as: a run from
+#: before nucleus types wrote no classes, as a run with classes on does with a model that has no class head
+#: (for a model with one, `is_complete` sees that the record has no classes).
+PARAMETERS_OF_OLDER_RECORDS = {"classes": True}
 
 
 @dataclass
@@ -51,21 +56,26 @@ def input_fingerprint(path: Path) -> dict:
 
 
 def is_complete(out_dir: Path, stem: str, path: Path, cfg: RunConfig, model_sha256: str,
-                colours_sha256: str | None = None) -> bool:
+                colours_sha256: str | None = None, model_classes: bool | None = None) -> bool:
     """Whether `<stem>.json` says this input was done with this model (and its per-slide colour alignment, if
-    any), these output parameters, and its outputs are all there."""
+    any), these output parameters, and its outputs are all there.
+
+    `model_classes` (whether the model has a class head; None: not checked): the record must then have
+    classes exactly when `cfg.classes` asks for them (a record written by a version that ignored the head has none).
+    """
     record_path = out_dir / f"{stem}.json"
     try:
         record = json.loads(record_path.read_text())
         same_input = record["input"]["fingerprint"] == input_fingerprint(path)
         same_model = (record["model"]["sha256"] == model_sha256
                       and record["model"].get("colours_sha256") == colours_sha256)
-        params = cfg.to_dict()
-        same_params = all(record["parameters"].get(k) == params[k] for k in OUTPUT_PARAMETERS)
+        params, recorded = cfg.to_dict(), {**PARAMETERS_OF_OLDER_RECORDS, **record["parameters"]}
+        same_params = all(recorded.get(k) == params[k] for k in OUTPUT_PARAMETERS)
         outputs_there = all((out_dir / name).is_file() for name in record["outputs"].values())
+        same_classes = model_classes is None or ("classes" in record) == bool(cfg.classes and model_classes)
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return same_input and same_model and same_params and outputs_there
+    return same_input and same_model and same_params and outputs_there and same_classes
 
 
 def remove_leftovers(out_dir: Path, stem: str) -> None:
@@ -185,7 +195,8 @@ def process_input(path: Path, out_dir: Path, cfg: RunConfig, predictor: Predicto
         with folder_errors(out_dir, f"cleaning up after an earlier run of {path.name}"):
             remove_leftovers(out_dir, stem)
         # Checked under the claim: a process that finished this input a moment ago has released it by now.
-        if resume and path.is_file() and is_complete(out_dir, stem, path, cfg, predictor.sha256, getattr(predictor, "colours_sha256", None)):
+        if resume and path.is_file() and is_complete(out_dir, stem, path, cfg, predictor.sha256, getattr(predictor, "colours_sha256", None),
+                                                     bool(getattr(predictor, "classes", None))):
             outcome = Outcome(path, "skipped", "outputs complete for this model and parameters")
             echo(f"{path}: already done (outputs complete for this model and parameters); skipped")
         else:

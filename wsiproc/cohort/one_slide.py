@@ -31,8 +31,12 @@ def run_slide(path: str | Path, out_dir: str | Path, cfg: RunConfig, predictor: 
         w0, h0 = slide.dimensions
         # Everything but writing the files themselves: the record is written last and cannot time itself.
         record.timings_s["total_before_write_s"] = round(time.perf_counter() - t0, 3)
-        # GeoJSON ids seeded by what determines the result: a rerun writes byte-identical files.
-        id_seed = int(hashlib.sha256(json.dumps([predictor.sha256, record.input, cfg.to_dict()], sort_keys=True, default=str).encode()).hexdigest()[:16], 16)
+        # GeoJSON ids seeded by what determines the result: a rerun writes byte-identical files. Without classes
+        # in the result, `classes` is left out, so the ids are those of the versions before nucleus types.
+        seeded = cfg.to_dict()
+        if result.detections.class_probs is None:
+            seeded.pop("classes", None)
+        id_seed = int(hashlib.sha256(json.dumps([predictor.sha256, record.input, seeded], sort_keys=True, default=str).encode()).hexdigest()[:16], 16)
 
         outputs = write_outputs(Path(out_dir), stem or path.stem, result.detections, level0_mpp, (h0, w0), record.to_dict(),
                                 cell_um=cfg.density_cell_um, geojson_gz=cfg.geojson_gz, id_seed=id_seed, qc=QcSlide(result.sampler, result.tissue))

@@ -18,10 +18,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import claims
+from ..detection.classes import CLASSES
 from ..io.files import atomic_write_text
+from ..outputs.record import per_mm2, tissue_mm2
 
 SUMMARY_NAME = "summary.csv"
 COLUMNS = ("input", "status", "detail", "nuclei", "tissue_mm2", "nuclei_per_mm2", "model_sha256", "seconds")
+#: Per nucleus type, its count and its density per mm² of tissue: after `COLUMNS`, and only in a table where
+#: some slide has classes (a cohort without any keeps the table of before classes; slides without classes
+#: leave the cells empty). After, not among them, so existing columns keep their positions.
+CLASS_COLUMNS = (*CLASSES, *(f"{name}_per_mm2" for name in CLASSES))
 NOTE_SUFFIX = ".outcome.json"
 CLAIM_SUFFIX = ".claim"
 LOCK_NAME = f".{SUMMARY_NAME}.lock"
@@ -89,25 +95,27 @@ def _stems(out_dir: Path) -> set[str]:
 
 
 def _metrics(record: dict) -> dict:
-    """Nuclei, tissue area and density, model: what the run record says of a finished slide.
+    """Nuclei, tissue area and density, model: what the run record says of a finished slide; with classes
+    (the record's "classes"), each class' count and density too.
 
-    The tissue area is the tissue mask's (8 µm grid, borders grown by 16 µm) share of the slide; without
-    a mask (--no-tissue-mask) it is unknown, and so is the density.
+    The tissue area is the tissue mask's (8 µm grid, borders grown by 16 µm) share of the slide
+    (`record.tissue_mm2`); without a mask (--no-tissue-mask) it is unknown, and so are the densities.
     """
     nuclei = record.get("nuclei")
-    area = None
-    try:
-        fraction = record["tiles"]["tissue_fraction"]
-        mpp, info = record["mpp_used"], record["input"]
-        area = fraction * info["level0_width_px"] * mpp * info["level0_height_px"] * mpp / 1e6
-    except (KeyError, TypeError):
-        pass
-    return {
+    area = tissue_mm2(record)
+    metrics = {
         "nuclei": nuclei,
         "tissue_mm2": None if area is None else round(area, 4),
-        "nuclei_per_mm2": round(nuclei / area, 1) if area and nuclei is not None else None,
+        "nuclei_per_mm2": per_mm2(nuclei, area),
         "model_sha256": (record.get("model") or {}).get("sha256"),
     }
+    classes = record.get("classes")
+    if isinstance(classes, dict):
+        for name in CLASSES:
+            count = (classes.get(name) or {}).get("nuclei")
+            metrics[name] = count
+            metrics[f"{name}_per_mm2"] = per_mm2(count, area)
+    return metrics
 
 
 def _claim_row(claim: claims.Claim, note: Note | None, stem: str, timeout_s: float) -> dict:
@@ -143,12 +151,19 @@ def cohort_rows(out_dir: Path, timeout_s: float = claims.DEFAULT_TIMEOUT_S) -> l
     return sorted(rows, key=lambda r: r["input"])
 
 
+def columns(rows: list[dict]) -> tuple[str, ...]:
+    """`COLUMNS`, and `CLASS_COLUMNS` after them where some row has class figures."""
+    with_classes = any(r.get(name) is not None for r in rows for name in CLASSES)
+    return COLUMNS + CLASS_COLUMNS if with_classes else COLUMNS
+
+
 def to_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, COLUMNS, lineterminator="\n")
+    names = columns(rows)
+    writer = csv.DictWriter(buffer, names, lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: "" if r.get(k) is None else r[k] for k in COLUMNS})
+        writer.writerow({k: "" if r.get(k) is None else r[k] for k in names})
     return buffer.getvalue()
 
 

@@ -263,9 +263,15 @@ def model_geometry(keras_model) -> dict:
     """What the tiler needs from a network (`architectures.geometry`), as stored beside converted models."""
     from .architectures import geometry
 
+    from .architectures import has_class_head
+    from .classes import CLASSES
+
     g = geometry(keras_model)
-    return {"architecture": keras_model.name, "size_multiple_px": g.size_multiple_px,
-            "receptive_radius_px": g.receptive_radius_px, "halo_px": g.halo_px}
+    out = {"architecture": keras_model.name, "size_multiple_px": g.size_multiple_px,
+           "receptive_radius_px": g.receptive_radius_px, "halo_px": g.halo_px}
+    if has_class_head(keras_model):  # only then: class-less models keep the records (and IR cache keys) they had
+        out.update(classes=list(CLASSES), class_receptive_radius_px=g.class_receptive_radius_px)
+    return out
 
 
 def convert_keras(model_path: str | Path):
@@ -621,6 +627,10 @@ def load_openvino(model_path: Path, model_sha256: str, choice: Choice, threads: 
             except Exception as exc:  # checked against its manifest, so this is a broken OpenVINO, not the cache
                 raise ValueError(f"{model}: cached model cannot be read ({problem_of(exc)})") from None
     _check_io(model, choice.ir_path or model_path)
+    if model.outputs[0].get_partial_shape().rank.get_length() == 4 and not geometry.get("classes"):
+        from .classes import CLASSES  # an IR from elsewhere with a class output: the channels after confidence
+
+        geometry = {**geometry, "classes": list(CLASSES)}
     compiled = cache.compiled(core, model, digest, "CPU", settings.properties())
     info = {"geometry": geometry, "threads": settings.threads, "cache": str(cache.root), "cache_status": dict(cache.status),
             "load_s": round(time.perf_counter() - t0, 3), "properties": {k: str(v) for k, v in settings.properties().items()}}

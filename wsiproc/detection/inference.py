@@ -15,7 +15,7 @@ import numpy as np
 
 from .colour import DomainColours
 from .engines import ENGINES, PRECISIONS, Choice, describe_machine, load_openvino, resolve  # noqa: F401  (re-exported)
-from .model import DEFAULT_MODEL_PATH, load_model, subpixel_head
+from .model import DEFAULT_MODEL_PATH, class_branch, load_model, subpixel_head
 from ..errors import ModelError, ModelNotFoundError
 from ..io.files import file_sha256
 
@@ -88,26 +88,44 @@ def keras_forward(model, mixed_float16: bool = False, for_openvino: bool = False
     import tensorflow as tf
 
     head = subpixel_head(model)
+    classes = class_branch(model)
+    if head is not None and classes is not None and classes[1] != _producer_name(head[0]):
+        head = None  # the class head reads other features than the sub-pixel head: run the graph as it is
     if head is None:
         net = _inference_graph(model) if for_openvino else model
         net = _mixed_precision_copy(net) if mixed_float16 else net
+        with_classes = classes is not None
 
         @tf.function(reduce_retracing=True)
         def forward(x):
-            return tf.cast(net(tf.cast(x, tf.float32) / 255.0, training=False)[..., 0], tf.float32)
+            out = tf.cast(net(tf.cast(x, tf.float32) / 255.0, training=False), tf.float32)
+            return out if with_classes else out[..., 0]
 
         return forward
     trunk, kernel, bias, factor = head
     trunk = _mixed_precision_copy(trunk) if mixed_float16 else trunk
     kernel, bias = tf.constant(kernel), tf.constant(bias)
+    branch = classes[0] if classes is not None else None
+    class_factor = classes[2] if classes is not None else 1
 
     @tf.function(reduce_retracing=True)
     def forward(x):
         features = tf.cast(trunk(tf.cast(x, tf.float32) / 255.0, training=False), tf.float32)
         logits = tf.nn.conv2d(features, kernel, 1, "SAME") + bias  # one channel per sub-pixel position
-        return tf.sigmoid(tf.nn.depth_to_space(logits, factor))[..., 0]
+        confidence = tf.sigmoid(tf.nn.depth_to_space(logits, factor))
+        if branch is None:
+            return confidence[..., 0]
+        probs = tf.cast(branch(features, training=False), tf.float32)
+        if class_factor > 1:  # nearest upsampling as copies + depth-to-space: native in OpenVINO (see above)
+            probs = tf.nn.depth_to_space(tf.concat([probs] * class_factor**2, axis=-1), class_factor)
+        return tf.concat([confidence, probs], axis=-1)
 
     return forward
+
+
+def _producer_name(trunk) -> str:
+    """The name of the layer whose output a sub-model (`subpixel_head`'s trunk) returns."""
+    return trunk.outputs[0]._keras_history[0].name
 
 
 _keras_forward = keras_forward  # the name earlier code and benchmarks used
@@ -149,6 +167,8 @@ class Predictor:
             self.geometry = model_geometry(self._keras)
         #: Input sides must be multiples of this (None where an IR from elsewhere does not say).
         self.size_multiple_px: int | None = self.geometry.get("size_multiple_px")
+        #: The nucleus types of the model's class head (`classes.CLASSES`), or None for a detector alone.
+        self.classes: tuple[str, ...] | None = tuple(self.geometry["classes"]) if self.geometry.get("classes") else None
         #: Per-slide colour alignment `wsiproc adapt` switched on for this model (`<model>.colours.json`), else None.
         self.colours: DomainColours | None = None
         self.colours_sha256: str | None = None  # part of what a run's results depend on (resume compares it)
@@ -189,11 +209,21 @@ class Predictor:
         return out
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
-        """(B, H, W, 3) uint8 → (B, H, W) float32 confidence in [0, 1].
+        """(B, H, W, 3) uint8 → (B, H, W) float32 confidence in [0, 1] (a class head's maps are dropped)."""
+        return self.maps(tiles)[0]
 
-        On a GPU out-of-memory error the batch is split in halves (and stays smaller for the rest of the
-        run) instead of failing the slide.
+    def maps(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, H, W, 3) uint8 → ((B, H, W) confidence, (B, H, W, K) class probabilities or None).
+
+        One forward pass gives both. On a GPU out-of-memory error the batch is split in halves (and stays
+        smaller for the rest of the run) instead of failing the slide.
         """
+        out = self._forward_all(tiles)
+        if out.ndim == 4:
+            return out[..., 0], out[..., 1:]
+        return out, None
+
+    def _forward_all(self, tiles: np.ndarray) -> np.ndarray:
         if tiles.ndim != 4 or tiles.shape[-1] != 3:
             raise ValueError(f"expected (batch, height, width, 3) tiles, got shape {tiles.shape}")
         m = self.size_multiple_px

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..config import RunConfig
 from .colour import DomainColours, SlideColour, slide_colour
+from .classes import CLASS_READ_RADIUS_PX, CLASSES, read_class_probs
 from .detections import Detections
 from ..errors import problem
 from .inference import Predictor
@@ -42,6 +43,7 @@ class TileResult:
     x_model_px: np.ndarray
     confidence: np.ndarray
     area_model_px: np.ndarray
+    class_probs: np.ndarray | None = None  # (n, K), read from the class map at each centroid
 
     def __len__(self) -> int:
         return len(self.x_model_px)
@@ -138,10 +140,17 @@ def read_tile(blocks, rc: tuple[int, int], strict: bool, path: Path) -> tuple[np
         return None, {"row": rc[0], "col": rc[1], "error": problem(exc)}
 
 
-def _nuclei_of_tiles(grid: TileGrid, tiles: list[tuple[int, int]], conf: np.ndarray, post: Postprocess) -> tuple[list[TileResult], float]:
-    """Post-processing of one batch's confidence maps: the nuclei in each tile's core."""
+def _nuclei_of_tiles(grid: TileGrid, tiles: list[tuple[int, int]], conf: np.ndarray, post: Postprocess,
+                     probs: np.ndarray | None = None) -> tuple[list[TileResult], float]:
+    """Post-processing of one batch's confidence maps: the nuclei in each tile's core, each with its class
+    probabilities where `probs` (the batch's class maps) is given."""
     t0 = time.perf_counter()
-    found = [TileResult(r, c, *keep_core(post(tile_conf), grid, r, c)) for (r, c), tile_conf in zip(tiles, conf)]
+    found = []
+    for i, ((r, c), tile_conf) in enumerate(zip(tiles, conf)):
+        components = post(tile_conf)
+        if probs is not None:
+            components = components.with_class_probs(read_class_probs(probs[i], components.y, components.x, CLASS_READ_RADIUS_PX))
+        found.append(TileResult(r, c, *keep_core(components, grid, r, c)))
     return found, time.perf_counter() - t0
 
 
@@ -151,14 +160,19 @@ def _split_reads(batch: list[tuple[int, int]], reads: list) -> tuple[list, list[
     return [(rc, img) for rc, img, _ in results if img is not None], [f for _, _, f in results if f is not None]
 
 
-def _predict(predictor, images: list[np.ndarray], colour: SlideColour | None = None) -> tuple[np.ndarray, float]:
-    """Confidence maps of a batch and the model's seconds; `colour` aligns the tiles first (not timed)."""
+def _predict(predictor, images: list[np.ndarray], colour: SlideColour | None = None,
+             classes: bool = False) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """Confidence maps of a batch, its class maps (with `classes`, where the model has them), and the model's
+    seconds; `colour` aligns the tiles first (not timed)."""
     x = np.stack(images)
     if colour is not None:
         x = colour.apply(x)
     t0 = time.perf_counter()
-    conf = predictor(x)
-    return conf, time.perf_counter() - t0
+    if classes and getattr(predictor, "classes", None):
+        conf, probs = predictor.maps(x)
+    else:
+        conf, probs = predictor(x), None
+    return conf, probs, time.perf_counter() - t0
 
 
 @functools.lru_cache(maxsize=2)
@@ -173,8 +187,9 @@ def _remote_batch(sampler: SlideSampler, grid: TileGrid, tiles: list[tuple[int, 
     ok, failures = _split_reads(tiles, [read_tile(blocks, rc, cfg.strict, Path(sampler.path)) for rc in tiles])
     if not ok:
         return BatchResult(len(tiles), [], failures)
-    conf, t_pred = _predict(worker_predictor(model_path, cfg.precision, cfg.engine), [img for _, img in ok], colour)
-    found, t_post = _nuclei_of_tiles(grid, [rc for rc, _ in ok], conf, cfg.postprocessor())
+    conf, probs, t_pred = _predict(worker_predictor(model_path, cfg.precision, cfg.engine), [img for _, img in ok], colour,
+                                   cfg.classes)
+    found, t_post = _nuclei_of_tiles(grid, [rc for rc, _ in ok], conf, cfg.postprocessor(), probs)
     return BatchResult(len(tiles), found, failures, t_pred, t_post)
 
 
@@ -204,8 +219,9 @@ def _local_batches(slide: Slide, sampler: SlideSampler, grid: TileGrid, batches:
             if not ok:
                 post.append((len(batch), pool.submit(lambda: ([], 0.0)), failures, 0.0))
             else:
-                conf, t_pred = _predict(predictor, [img for _, img in ok], colour)
-                post.append((len(batch), pool.submit(_nuclei_of_tiles, grid, [rc for rc, _ in ok], conf, cfg.postprocessor()), failures, t_pred))
+                conf, probs, t_pred = _predict(predictor, [img for _, img in ok], colour, cfg.classes)
+                post.append((len(batch), pool.submit(_nuclei_of_tiles, grid, [rc for rc, _ in ok], conf, cfg.postprocessor(), probs),
+                             failures, t_pred))
             while len(post) > 1:
                 yield finished()
         while post:
@@ -253,7 +269,8 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
         if progress:
             progress(done, len(tiles), n_found)
 
-    det, merged = _stitch(parts, grid, cfg, slide.require_mpp())
+    with_classes = bool(cfg.classes and getattr(predictor, "classes", None))
+    det, merged = _stitch(parts, grid, cfg, slide.require_mpp(), with_classes)
     failed_tiles.sort(key=lambda f: (f["row"], f["col"]))
     if tiles and len(failed_tiles) == len(tiles):  # an empty result would look like a slide without nuclei
         raise SlideError(f"{slide.path}: no tile could be decoded ({len(tiles)} tried; first error: {failed_tiles[0]['error']})")
@@ -277,7 +294,8 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
     )
 
 
-def _stitch(parts: list[TileResult], grid: TileGrid, cfg: RunConfig, level0_mpp: float) -> tuple[Detections, int]:
+def _stitch(parts: list[TileResult], grid: TileGrid, cfg: RunConfig, level0_mpp: float,
+            with_classes: bool = False) -> tuple[Detections, int]:
     """The tiles' nuclei as one set on the level-0 grid (µm/px `level0_mpp`), seams merged; and how many were merged."""
     parts = sorted(parts, key=lambda f: (f.row, f.col))  # tile order: the same output whichever finished first
     y = np.concatenate([f.y_model_px for f in parts]) if parts else np.zeros(0)
@@ -286,10 +304,15 @@ def _stitch(parts: list[TileResult], grid: TileGrid, cfg: RunConfig, level0_mpp:
     area = np.concatenate([f.area_model_px for f in parts]) if parts else np.zeros(0)
     tile_ids = np.concatenate([np.full(len(f), f.row * grid.cols + f.col, np.int64) for f in parts]) if parts else np.zeros(0, np.int64)
     keep = merge_across_tiles(y, x, conf_all, tile_ids, cfg.merge_radius_um / cfg.model_mpp)
+    probs = None
+    if with_classes:
+        probs = (np.concatenate([f.class_probs for f in parts]).astype(np.float32) if parts
+                 else np.zeros((0, len(CLASSES)), np.float32))[keep]
     det = Detections(
         map_coords(x[keep], cfg.model_mpp, level0_mpp),
         map_coords(y[keep], cfg.model_mpp, level0_mpp),
         conf_all[keep],
         (area[keep] * cfg.model_mpp**2).astype(np.float32),
+        probs,
     )
     return det, int(len(x) - len(keep))

@@ -149,22 +149,22 @@ def subpixel_head(model: "keras.Model") -> "tuple[keras.Model, np.ndarray, np.nd
     import keras
     from keras import layers
 
-    layers_ = model.layers
-    head = layers_[-1]
+    from .architectures import _producer, has_class_head
+
+    head = model.get_layer("confidence") if has_class_head(model) else model.layers[-1]
     if not (isinstance(head, layers.Conv2D) and head.filters == 1 and tuple(head.kernel_size) == (3, 3)
             and head.padding == "same" and tuple(head.strides) == (1, 1) and tuple(head.dilation_rate) == (1, 1)
             and head.activation is keras.activations.sigmoid and head.use_bias):
         return None
-    factor, i = 1, len(layers_) - 2
-    while i > 0 and isinstance(layers_[i], layers.UpSampling2D):
-        up = layers_[i]
-        if up.interpolation != "nearest" or up.size[0] != up.size[1]:
+    factor, below = 1, _producer(head.input)  # walked through the graph: a class head's layers may sit between
+    while isinstance(below, layers.UpSampling2D):
+        if below.interpolation != "nearest" or below.size[0] != below.size[1]:
             return None
-        factor *= up.size[0]
-        i -= 1
+        factor *= below.size[0]
+        below = _producer(below.input)
     if factor < 2:
         return None
-    trunk = keras.Model(model.inputs, layers_[i].output, name=f"{model.name}_trunk")
+    trunk = keras.Model(model.inputs, below.output, name=f"{model.name}_trunk")
     k, b = (np.asarray(w, dtype=np.float64) for w in head.get_weights())  # (3, 3, C, 1), (1,)
     sub = np.zeros((3, 3, k.shape[2], factor * factor))
     for si in range(factor):  # sub-pixel row inside a feature pixel
@@ -175,3 +175,23 @@ def subpixel_head(model: "keras.Model") -> "tuple[keras.Model, np.ndarray, np.nd
                     ox = (sj + dx) // factor
                     sub[oy + 1, ox + 1, :, si * factor + sj] += k[dy + 1, dx + 1, :, 0]
     return trunk, sub.astype(np.float32), np.full(factor * factor, b[0], np.float32), factor
+
+
+def class_branch(model) -> "tuple[keras.Model, str, int] | None":
+    """(class head as a model from its anchor's features to probabilities at their resolution, the anchor's
+    name, the upsampling factor to the input grid), or None without a class head. Lets inference run the
+    head on the trunk features it already has instead of a second pass."""
+    import keras
+
+    from .architectures import class_head_anchor
+
+    anchor = class_head_anchor(model)
+    if anchor is None:
+        return None
+    probs = model.get_layer("class_probs")
+    try:
+        up = model.get_layer("class_up")
+        factor = int(up.size[0])
+    except ValueError:
+        factor = 1
+    return keras.Model(anchor.output, probs.output, name=f"{model.name}_classes"), anchor.name, factor

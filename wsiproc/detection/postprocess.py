@@ -18,9 +18,13 @@ class Components:
     x: np.ndarray
     confidence: np.ndarray  # max of the map inside the component
     area_px: np.ndarray
+    class_probs: np.ndarray | None = None  # (n, K), where the model has a class head
 
     def __len__(self) -> int:
         return len(self.x)
+
+    def with_class_probs(self, class_probs: np.ndarray) -> "Components":
+        return Components(self.y, self.x, self.confidence, self.area_px, class_probs)
 
 
 def find_nuclei(confidence: np.ndarray, threshold: float = 0.5) -> Components:

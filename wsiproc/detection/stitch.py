@@ -23,12 +23,14 @@ def owned(y: np.ndarray, x: np.ndarray, core: tuple[int, int, int, int]) -> np.n
 
 
 def keep_core(components: Components, grid: TileGrid, row: int, col: int) -> tuple[np.ndarray, ...]:
-    """(y, x, confidence, area_px) of the components whose centroid lies in the tile's core, in image pixels."""
+    """(y, x, confidence, area_px, class_probs or None) of the components whose centroid lies in the tile's
+    core, in image pixels."""
     y0, x0, _, _ = core = grid.core(row, col)
     y = components.y + (y0 - grid.halo_px)
     x = components.x + (x0 - grid.halo_px)
     inside = owned(y, x, core)
-    return y[inside], x[inside], components.confidence[inside], components.area_px[inside]
+    probs = None if components.class_probs is None else components.class_probs[inside]
+    return y[inside], x[inside], components.confidence[inside], components.area_px[inside], probs
 
 
 def merge_across_tiles(y: np.ndarray, x: np.ndarray, confidence: np.ndarray, tile_id: np.ndarray, merge_radius_px: float) -> np.ndarray:

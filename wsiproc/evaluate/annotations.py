@@ -10,6 +10,11 @@ already, so values are passed through unchanged: no format's coordinates are shi
 
 Results are keyed by image name so that annotation files can be paired with prediction files; the name
 is the file's stem with decorations that annotation tools and data sets add stripped (see `image_key`).
+
+Class labels (nucleus types) come with the points where the format has them (`read_labelled_points`): a CSV's
+`class` column, QuPath's classification, ImageScope's annotation attribute, CellCounter's marker type. They are
+the annotator's raw names; `wsiproc.detection.classes.ClassMap` maps them onto the model's classes, so reading
+never guesses what a name means.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import json
 import math
 import re
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,7 @@ from shapely.errors import GEOSException
 from shapely.geometry import Polygon, shape
 from shapely.geometry.base import BaseGeometry
 
-__all__ = ["read_points", "read_regions", "read_imagescope_regions", "read_label_map", "label_centroids", "image_key"]
+__all__ = ["Points", "read_labelled_points", "read_points", "read_regions", "read_imagescope_regions", "read_label_map", "label_centroids", "image_key"]
 
 # ElementTree rather than defusedxml, which is not a dependency: Python's expat never fetches external
 # entities, and expat >= 2.4.1 (bundled with every Python wsiproc supports) stops entity-expansion
@@ -71,6 +77,48 @@ def image_key(path: str | Path) -> str:
     return name
 
 
+@dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous; compare .xy and .labels instead
+class Points:
+    """The nuclei of one image: centres and, where the annotation names them, each one's class label.
+
+    `xy` is (N, 2) float64 x, y. `labels` is an (N,) object array of the raw label strings (None for a point
+    without one), or None where the file holds no labels at all: a caller can tell "no classes annotated"
+    from "some points unlabelled", which decides whether a class score is possible.
+    """
+
+    xy: np.ndarray
+    labels: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.labels is not None and len(self.labels) != len(self.xy):
+            raise ValueError(f"Points: {len(self.labels)} labels for {len(self.xy)} points")
+
+    def __len__(self) -> int:
+        return len(self.xy)
+
+
+def read_labelled_points(path: str | Path, image: str | None = None) -> dict[str, Points]:
+    """`read_points` with each nucleus' class label: {image name: `Points`}.
+
+    Labels, by format: CSV, the first of the columns `class`, `classification`, `type`, `label` (a `label`
+    column of integers only is an instance id, as in MoNuSeg's centroid tables, not a class; an empty cell is
+    no label); QuPath GeoJSON, the feature's `classification`; Aperio ImageScope XML, the class of
+    `read_imagescope_regions`; Fiji CellCounter, the marker type's `Name`, else `"Type <n>"`. Instance label
+    maps have none. A file whose format or content names no class gives `labels` None.
+    """
+    path = Path(path)
+    points, declared_name = _read_any(path)
+    if isinstance(points, Points):
+        return {image if image is not None else declared_name or image_key(path): points}
+    if image is None:
+        return points
+    if image not in points:
+        names = list(points)
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ValueError(f"{path}: no points for image {image!r} (the file has {len(names)} images: {shown})")
+    return {image: points[image]}
+
+
 def read_points(path: str | Path, image: str | None = None) -> dict[str, np.ndarray]:
     """Nucleus centres of an annotation file as {image name: (N, 2) float64 array of x, y}.
 
@@ -80,19 +128,9 @@ def read_points(path: str | Path, image: str | None = None) -> dict[str, np.ndar
 
     `image` names the image for single-image files (overriding the name derived from the file) and
     selects one image from multi-image CSVs, where a missing image is an error rather than an empty
-    result: a typo would otherwise score as "no nuclei annotated".
+    result: a typo would otherwise score as "no nuclei annotated". Class labels: `read_labelled_points`.
     """
-    path = Path(path)
-    points, declared_name = _read_any(path)
-    if isinstance(points, np.ndarray):
-        return {image if image is not None else declared_name or image_key(path): points}
-    if image is None:
-        return points
-    if image not in points:
-        names = list(points)
-        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        raise ValueError(f"{path}: no points for image {image!r} (the file has {len(names)} images: {shown})")
-    return {image: points[image]}
+    return {name: points.xy for name, points in read_labelled_points(path, image).items()}
 
 
 def read_imagescope_regions(path: str | Path) -> list[tuple[str, np.ndarray]]:
@@ -197,8 +235,8 @@ def label_centroids(label_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------------------- dispatch
 
 
-def _read_any(path: Path) -> tuple[np.ndarray | dict[str, np.ndarray], str | None]:
-    """Points of one file (an array for single-image formats, a dict for multi-image ones) and the
+def _read_any(path: Path) -> tuple[Points | dict[str, Points], str | None]:
+    """Points of one file (one `Points` for single-image formats, a dict for multi-image ones) and the
     image name the file itself declares, if any (CellCounter's Image_Filename)."""
     kind = _detect_format(path)
     if kind == "csv":
@@ -211,13 +249,14 @@ def _read_any(path: Path) -> tuple[np.ndarray | dict[str, np.ndarray], str | Non
             return _read_cellcounter(path, root), declared
         if root.tag == "Annotations":
             regions = _imagescope_regions(path, root)
-            return np.asarray([c for _, c in regions], dtype=np.float64).reshape(-1, 2), None
+            xy = np.asarray([c for _, c in regions], dtype=np.float64).reshape(-1, 2)
+            return Points(xy, _labels_or_none([name or None for name, _ in regions])), None
         raise ValueError(
             f"{path}: unknown XML annotation format (root element <{root.tag}>; "
             "expected <Annotations> of Aperio ImageScope or <CellCounter_Marker_File> of Fiji)"
         )
     if kind == "label_map":
-        return label_centroids(read_label_map(path))[1], None
+        return Points(label_centroids(read_label_map(path))[1]), None  # masks name no class
     if kind == "geojson":
         return _read_geojson(path), None
     raise ValueError(
@@ -253,7 +292,12 @@ def _detect_format(path: Path) -> str:
 # ------------------------------------------------------------------------------------------- readers
 
 
-def _read_csv(path: Path) -> np.ndarray | dict[str, np.ndarray]:
+#: Columns a CSV may name its points' classes in, the first present wins: `class` as brca-m2c, consep-train and
+#: wsiproc's own results write it, then the names spreadsheets and other tools use.
+_CLASS_COLUMNS = ("class", "classification", "type", "label")
+
+
+def _read_csv(path: Path) -> Points | dict[str, Points]:
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
@@ -263,9 +307,12 @@ def _read_csv(path: Path) -> np.ndarray | dict[str, np.ndarray]:
         if "x" not in columns or "y" not in columns:
             raise ValueError(f"{path}: no x and y columns in header {header}")
         ix, iy, iimage = columns["x"], columns["y"], columns.get("image")
+        class_column = next((name for name in _CLASS_COLUMNS if name in columns), None)
+        iclass = columns[class_column] if class_column else None
         xs: list[float] = []
         ys: list[float] = []
         images: list[str] = []
+        labels: list[str | None] = []
         for row in reader:
             line_no = reader.line_num
             if not row or all(not cell.strip() for cell in row):
@@ -282,12 +329,37 @@ def _read_csv(path: Path) -> np.ndarray | dict[str, np.ndarray]:
                 if iimage >= len(row) or not row[iimage].strip():
                     raise ValueError(f"{path}: line {line_no}: empty image name: {row}")
                 images.append(row[iimage].strip())
+            if iclass is not None:
+                labels.append((row[iclass].strip() or None) if iclass < len(row) else None)
     xy = np.column_stack([np.asarray(xs, np.float64), np.asarray(ys, np.float64)]).reshape(-1, 2)
+    if class_column == "label" and all(label is None or _is_integer(label) for label in labels):
+        iclass = None  # instance ids (MoNuSeg's `label,x,y,area_px`), not classes
+    label_array = _labels_or_none(labels) if iclass is not None else None
     if iimage is None:
-        return xy
+        return Points(xy, label_array)
     names, first, inverse = np.unique(np.asarray(images), return_index=True, return_inverse=True)
-    groups = np.split(xy[np.argsort(inverse, kind="stable")], np.cumsum(np.bincount(inverse))[:-1])
-    return {str(names[k]): groups[k] for k in np.argsort(first)}  # images in file order
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.cumsum(np.bincount(inverse))[:-1]
+    groups = np.split(xy[order], bounds)
+    label_groups = np.split(label_array[order], bounds) if label_array is not None else [None] * len(names)
+    return {str(names[k]): Points(groups[k], label_groups[k]) for k in np.argsort(first)}  # images in file order
+
+
+def _is_integer(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _labels_or_none(labels: list[str | None]) -> np.ndarray | None:
+    """An object array of the labels, or None where no point has one (the file names no class)."""
+    if all(label is None for label in labels):
+        return None
+    out = np.empty(len(labels), dtype=object)
+    out[:] = labels
+    return out
 
 
 def _parse_xml(path: Path) -> ET.Element:
@@ -297,34 +369,50 @@ def _parse_xml(path: Path) -> ET.Element:
         raise ValueError(f"{path}: not well-formed XML: {exc}") from exc
 
 
-def _read_cellcounter(path: Path, root: ET.Element) -> np.ndarray:
+def _read_cellcounter(path: Path, root: ET.Element) -> Points:
     """All markers of all counter types: each type is a class, and every marker is one nucleus.
 
+    A marker's label is its type's `Name` (Fiji's Cell Counter lets users name the counters), else
+    `"Type <n>"` after the counter number, which users map with `--class-map "Type 1=epithelial"`.
     MarkerX/MarkerY are ImageJ pixel indices (uncalibrated), already our convention; MarkerZ, the
     slice of a stack, is ignored since whole-slide images are single planes.
     """
     points = []
-    for marker in root.iter("Marker"):
-        x_text, y_text = marker.findtext("MarkerX"), marker.findtext("MarkerY")
-        try:
-            points.append((float(x_text), float(y_text)))  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"{path}: a <Marker> has no numeric MarkerX and MarkerY ({x_text!r}, {y_text!r})"
-            ) from None
-    return np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    labels: list[str | None] = []
+    for marker_type in root.iter("Marker_Type"):
+        name = (marker_type.findtext("Name") or "").strip()
+        number = (marker_type.findtext("Type") or "").strip()
+        label = name or (f"Type {number}" if number else None)
+        for marker in marker_type.iter("Marker"):
+            points.append(_marker_xy(path, marker))
+            labels.append(label)
+    if not points:  # markers outside any <Marker_Type>: an unusual file, still nuclei
+        points = [_marker_xy(path, marker) for marker in root.iter("Marker")]
+        labels = [None] * len(points)
+    return Points(np.asarray(points, dtype=np.float64).reshape(-1, 2), _labels_or_none(labels))
 
 
-def _read_geojson(path: Path) -> np.ndarray:
+def _marker_xy(path: Path, marker: ET.Element) -> tuple[float, float]:
+    x_text, y_text = marker.findtext("MarkerX"), marker.findtext("MarkerY")
+    try:
+        return float(x_text), float(y_text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{path}: a <Marker> has no numeric MarkerX and MarkerY ({x_text!r}, {y_text!r})"
+        ) from None
+
+
+def _read_geojson(path: Path) -> Points:
     """Nucleus points of a QuPath export: a FeatureCollection, a bare list of features, or a single feature.
 
     Point geometries give the point, MultiPoint (QuPath's "Points" annotations) one point each, polygons
     their area centroid. Cell objects use their `nucleusGeometry` when present, since the nucleus, not
     the cell outline around it, is what was annotated. Features without geometry are skipped. Where the file
     holds points, its polygon annotations are the regions the points were marked in (`read_regions`), not nuclei.
+    Each nucleus is labelled with its feature's QuPath classification (`_qupath_class`).
     """
-    nuclei, _ = _geojson_nuclei_and_regions(path)
-    return np.asarray(nuclei, dtype=np.float64).reshape(-1, 2)
+    nuclei, labels, _ = _geojson_nuclei_and_regions(path)
+    return Points(np.asarray(nuclei, dtype=np.float64).reshape(-1, 2), _labels_or_none(labels))
 
 
 def read_regions(path: str | Path) -> dict[str, list[BaseGeometry]]:
@@ -340,7 +428,7 @@ def read_regions(path: str | Path) -> dict[str, list[BaseGeometry]]:
     path = Path(path)
     if _detect_format(path) != "geojson":
         return {}
-    _, regions = _geojson_nuclei_and_regions(path)
+    _, _, regions = _geojson_nuclei_and_regions(path)
     return {image_key(path): regions} if regions else {}
 
 
@@ -367,11 +455,15 @@ def _geojson_features(path: Path) -> list[dict[str, Any]]:
     return features
 
 
-def _geojson_nuclei_and_regions(path: Path) -> tuple[list[tuple[float, float]], list[BaseGeometry]]:
+def _geojson_nuclei_and_regions(
+    path: Path,
+) -> tuple[list[tuple[float, float]], list[str | None], list[BaseGeometry]]:
+    """(nucleus points, their labels, annotated regions) of a GeoJSON file; see `_read_geojson`, `read_regions`."""
     features = [(n, f, f.get("nucleusGeometry") or f.get("geometry")) for n, f in enumerate(_geojson_features(path))]
     features = [(n, f, g) for n, f, g in features if g is not None]
     has_points = any(isinstance(g, dict) and g.get("type") in ("Point", "MultiPoint") for _, _, g in features)
     points: list[tuple[float, float]] = []
+    labels: list[str | None] = []
     regions: list[BaseGeometry] = []
     for number, feature, geometry in features:
         try:
@@ -379,10 +471,36 @@ def _geojson_nuclei_and_regions(path: Path) -> tuple[list[tuple[float, float]], 
                 region = shape(geometry)
                 regions.append(region if region.is_valid else make_valid(region))
             else:
-                points.extend(_geometry_points(geometry))
+                found = _geometry_points(geometry)
+                points.extend(found)
+                labels.extend([_qupath_class(feature)] * len(found))  # a MultiPoint's points share its class
         except (ValueError, TypeError, KeyError, IndexError, AttributeError, GEOSException) as exc:
             raise ValueError(f"{path}: feature {number} (id {feature.get('id')!r}): {exc}") from None
-    return points, regions
+    return points, labels, regions
+
+
+def _qupath_class(feature: dict[str, Any]) -> str | None:
+    """The QuPath classification of a feature as one name, or None for an unclassified object.
+
+    QuPath writes `"classification": {"name": ..., "color": ...}`; exports before 0.2 wrote the name as a plain
+    string; 0.4 and later write a derived class (e.g. Tumor: Positive) as `"names": ["Tumor", "Positive"]`.
+    Those are joined with ": ", QuPath's own spelling of a derived class, so the label is the name the user
+    sees in QuPath whichever version wrote the file (and maps with `--class-map 'Tumor: Positive=epithelial'`).
+    """
+    props = feature.get("properties")
+    classification = props.get("classification") if isinstance(props, dict) else None
+    if isinstance(classification, str):
+        return classification.strip() or None
+    if not isinstance(classification, dict):
+        return None
+    name = classification.get("name")
+    if isinstance(name, str) and name.strip():
+        return name.strip()
+    names = classification.get("names")
+    if isinstance(names, list):
+        parts = [str(n).strip() for n in names if str(n).strip()]
+        return ": ".join(parts) or None
+    return None
 
 
 def _object_type(feature: dict[str, Any]) -> str | None:

@@ -73,7 +73,9 @@ def lrp_relevance_batch(model, blocks_rgb01: np.ndarray, targets_yx: list[tuple[
         if not (0 <= y < h and 0 <= xx < w):
             raise ValueError(f"target pixel {(y, xx)} lies outside the {h}×{w} block")
 
-    steps = _linear_steps(model)
+    from ..detection.architectures import without_class_head
+
+    steps = _linear_steps(without_class_head(model))  # what is explained is the confidence, not the class head
     hidden, output = steps[:-1], steps[-1]
     # Forward, on one persistent tape: the input `a` and linear output `z` of every hidden step (ReLU applied
     # after a step, so every input is >= 0); the ε rule then needs one backward step per layer and no second

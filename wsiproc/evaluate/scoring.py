@@ -6,6 +6,10 @@ pairs is used (ties: the smallest summed distance); greedy nearest-first matchin
 chains of crowded nuclei and would score a detector lower than its detections deserve. Precision, recall and F1 of a set are micro-averaged: counts
 are summed over images before the ratios are taken, so images weigh by their nucleus count.
 
+Nucleus types (`ClassScore`, `score_classes`) are scored after that same class-blind matching, as the field
+does (HoVer-Net, Graham et al. 2019): the classes of matched pairs are compared, and every detection error
+is charged to each class' F_c as well.
+
 Everything here is in level-0 pixels (x = column, y = row); a caller with a radius in micrometres
 converts it once, `radius_px = radius_um / mpp`.
 """
@@ -25,7 +29,8 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from scipy.spatial import cKDTree
 
-from .annotations import label_centroids, read_label_map, read_points
+from .annotations import Points, label_centroids, read_label_map, read_labelled_points
+from ..detection.classes import CLASSES
 from ..io.files import atomic_path
 
 __all__ = [
@@ -35,8 +40,16 @@ __all__ = [
     "evaluate_sets",
     "format_table",
     "write_scores_csv",
+    "ClassScore",
+    "score_classes",
+    "evaluate_class_sets",
+    "format_class_table",
+    "write_class_scores_csv",
     "read_predictions",
+    "read_labelled_predictions",
+    "prediction_class_index",
     "detect_images",
+    "detections_of_images",
 ]
 
 TOTAL_ROW = "ALL (micro)"
@@ -250,7 +263,14 @@ def read_predictions(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     The stem is used exactly as written, because wsiproc names each result after its input image.
     Score tables (`*_scores.csv`), the cohort table (`summary.csv`) and hidden temporary files in the folder
     are skipped. A table holding many images (`image,x,y`) is read with `wsiproc.evaluate.annotations.read_points` instead.
+    Classes as well: `read_labelled_predictions`.
     """
+    return {name: points.xy for name, points in read_labelled_predictions(path).items()}
+
+
+def read_labelled_predictions(path: str | os.PathLike[str]) -> dict[str, Points]:
+    """`read_predictions` with each nucleus' class: {image stem: `Points`}, `labels` the CSV's `class` column
+    (names of `CLASSES`, which wsiproc writes for a model with a class head) or None for results without one."""
     from ..cohort.summary import SUMMARY_NAME
 
     path = Path(path)
@@ -265,9 +285,259 @@ def read_predictions(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         files = [path]
     else:
         raise FileNotFoundError(f"{path}: no such file or folder")
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, Points] = {}
     for file in files:
-        out.update(read_points(file, image=file.stem))
+        out.update(read_labelled_points(file, image=file.stem))
+    return out
+
+
+def prediction_class_index(labels: np.ndarray, source: str = "") -> np.ndarray:
+    """Class index (into `CLASSES`) of each predicted class name, −1 for an empty one. Predictions name the
+    model's classes exactly, so any other name is an error naming `source` (results of another tool, or a
+    file edited by hand), never silently a miss."""
+    names = {name: k for k, name in enumerate(CLASSES)}
+    out = np.full(len(labels), -1, np.int64)
+    unknown: set[str] = set()
+    for n, label in enumerate(labels):
+        if label is None:
+            continue
+        if label in names:
+            out[n] = names[label]
+        else:
+            unknown.add(str(label))
+    if unknown:
+        where = f"{source}: " if source else ""
+        raise ValueError(f"{where}predicted class(es) {', '.join(sorted(unknown))} are none of {', '.join(CLASSES)}")
+    return out
+
+# --------------------------------------------------------------------------------------------- classes
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    """Counts of a class-aware detection score of one image or, summed with `+`, of a set (micro-average).
+
+    Predictions and truths are first paired exactly as `score_image` pairs them (`match_points`); classes play
+    no part in the pairing, so the detection counts (`tp_d`, `fp_d`, `fn_d`) are those of `Score`. Then, per
+    class c (tuples in the order of `classes`), over the matched pairs whose truth has a class:
+    `tp_c` both c, `tn_c` neither c, `fp_c` prediction c and truth another class, `fn_c` truth c and
+    prediction another class (or none). `fp_u` / `fn_u` count the unmatched predictions / truths of class c,
+    and `n_pred` all predictions of class c. A matched pair whose truth has no class (label −1: unlabelled or
+    ignored) counts for detection only, in no class count: nobody said what the nucleus is, so neither a right
+    nor a wrong class can be scored.
+    """
+
+    tp_c: tuple[int, ...]
+    tn_c: tuple[int, ...]
+    fp_c: tuple[int, ...]
+    fn_c: tuple[int, ...]
+    fp_u: tuple[int, ...]
+    fn_u: tuple[int, ...]
+    n_pred: tuple[int, ...]
+    tp_d: int
+    fp_d: int
+    fn_d: int
+    classes: tuple[str, ...] = CLASSES
+
+    @classmethod
+    def empty(cls, classes: tuple[str, ...] = CLASSES) -> "ClassScore":
+        zeros = (0,) * len(classes)
+        return cls(zeros, zeros, zeros, zeros, zeros, zeros, zeros, 0, 0, 0, tuple(classes))
+
+    @property
+    def detection(self) -> Score:
+        """The detection counts as a `Score` (what `format_table` shows)."""
+        return Score(self.tp_d, self.fp_d, self.fn_d)
+
+    @property
+    def f_d(self) -> float:
+        """Detection F1: 2 TP_d / (2 TP_d + FP_d + FN_d)."""
+        return self.detection.f1
+
+    def _index(self, c: int | str) -> int:
+        """A class by name or by index into `classes`."""
+        return self.classes.index(c) if isinstance(c, str) else int(c)
+
+    def n_true(self, c: int | str) -> int:
+        """Annotated nuclei of class c, matched or not."""
+        k = self._index(c)
+        return self.tp_c[k] + self.fn_c[k] + self.fn_u[k]
+
+    def f_c(self, c: int | str) -> float:
+        """HoVer-Net's classification F (Graham et al. 2019, eq. 7, α = 2, 2, 1, 1):
+        2(TP_c + TN_c) / (2(TP_c + TN_c) + 2 FP_c + 2 FN_c + FP_d + FN_d). It scores the class among the
+        detected nuclei and charges every detection error too, so it is the figure papers report as F_c."""
+        k = self._index(c)
+        right = self.tp_c[k] + self.tn_c[k]
+        denominator = 2 * right + 2 * self.fp_c[k] + 2 * self.fn_c[k] + self.fp_d + self.fn_d
+        return 2 * right / denominator if denominator else 0.0
+
+    def counts(self, c: int | str) -> Score:
+        """Plain counts of class c after the global matching: TP matched pairs both c; FP predictions of c
+        unmatched or matched to a truth of another class; FN truths of c unmatched or matched to a prediction
+        of another class."""
+        k = self._index(c)
+        return Score(self.tp_c[k], self.fp_c[k] + self.fp_u[k], self.fn_c[k] + self.fn_u[k])
+
+    def f1(self, c: int | str) -> float:
+        return self.counts(c).f1
+
+    def precision(self, c: int | str) -> float:
+        return self.counts(c).precision
+
+    def recall(self, c: int | str) -> float:
+        return self.counts(c).recall
+
+    def __add__(self, other: "ClassScore") -> "ClassScore":
+        if not isinstance(other, ClassScore):
+            return NotImplemented
+        if other.classes != self.classes:
+            raise ValueError(f"cannot add class scores of classes {self.classes} and {other.classes}")
+
+        def add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+            return tuple(x + y for x, y in zip(a, b))
+
+        return ClassScore(add(self.tp_c, other.tp_c), add(self.tn_c, other.tn_c), add(self.fp_c, other.fp_c),
+                          add(self.fn_c, other.fn_c), add(self.fp_u, other.fp_u), add(self.fn_u, other.fn_u),
+                          add(self.n_pred, other.n_pred), self.tp_d + other.tp_d, self.fp_d + other.fp_d,
+                          self.fn_d + other.fn_d, self.classes)
+
+    def __radd__(self, other: object) -> "ClassScore":
+        """Lets `sum(scores)` start from its default 0."""
+        if other == 0:
+            return self
+        return NotImplemented
+
+
+def score_classes(
+    pred_xy: np.ndarray,
+    pred_class: np.ndarray,
+    true_xy: np.ndarray,
+    true_class: np.ndarray,
+    radius_px: float,
+    classes: tuple[str, ...] = CLASSES,
+) -> ClassScore:
+    """The `ClassScore` of one image: points paired by `match_points` (as `score_image`), then classes compared.
+
+    `pred_class` and `true_class` are class indices into `classes`, −1 for none (a truth nobody labelled, or
+    one whose label is ignored; a prediction of a model without classes). A truth of −1 still counts for
+    detection but is left out of every class count of its pair; a prediction of −1 is "not c" for every c.
+    """
+    pred = _as_points(pred_xy, "pred_xy")
+    true = _as_points(true_xy, "true_xy")
+    k = len(classes)
+    pc = _class_index(pred_class, len(pred), k, "pred_class")
+    tc = _class_index(true_class, len(true), k, "true_class")
+    i, j = match_points(pred, true, radius_px)
+    p, t = pc[i], tc[j]
+    labelled = t >= 0
+    p, t = p[labelled], t[labelled]
+    unmatched_pred = np.ones(len(pred), bool)
+    unmatched_pred[i] = False
+    unmatched_true = np.ones(len(true), bool)
+    unmatched_true[j] = False
+
+    def per_class(values: np.ndarray) -> tuple[int, ...]:
+        return tuple(int(n) for n in np.bincount(values[values >= 0], minlength=k))
+
+    both = per_class(p[p == t])
+    pred_c, true_c = per_class(p), per_class(t)
+    return ClassScore(
+        tp_c=both,
+        tn_c=tuple(len(t) - pred_c[c] - true_c[c] + both[c] for c in range(k)),
+        fp_c=tuple(pred_c[c] - both[c] for c in range(k)),
+        fn_c=tuple(true_c[c] - both[c] for c in range(k)),
+        fp_u=per_class(pc[unmatched_pred]),
+        fn_u=per_class(tc[unmatched_true]),
+        n_pred=per_class(pc),
+        tp_d=len(i),
+        fp_d=len(pred) - len(i),
+        fn_d=len(true) - len(i),
+        classes=tuple(classes),
+    )
+
+
+def evaluate_class_sets(
+    pred: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    truth: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    radius_px: float | Mapping[str, float],
+    classes: tuple[str, ...] = CLASSES,
+) -> tuple[dict[str, ClassScore], ClassScore]:
+    """Per-image class scores (in the order of `truth`) and their sum, as `evaluate_sets` does for detection.
+
+    `pred` and `truth` map image names to (xy, class index) pairs. An annotated image without predictions
+    scores all its nuclei as missed; predicted images without annotations are left out (`evaluate_sets` is
+    the one that warns about both, and callers run it first on the same images).
+    """
+    per_image: dict[str, ClassScore] = {}
+    no_pred = (np.zeros((0, 2)), np.zeros(0, np.int64))
+    for name, (true_xy, true_class) in truth.items():
+        pred_xy, pred_class = pred.get(name, no_pred)
+        try:
+            per_image[name] = score_classes(pred_xy, pred_class, true_xy, true_class, _radius_for(radius_px, name), classes)
+        except ValueError as exc:
+            raise ValueError(f"image {name!r}: {exc}") from None
+    return per_image, sum(per_image.values(), ClassScore.empty(classes))
+
+
+_CLASS_COLUMNS = ("class", "n_true", "n_pred", "f_c", "f1", "precision", "recall")
+_CLASS_CSV_COLUMNS = ("class", "n_true", "n_pred", "tp", "fp", "fn", "precision", "recall", "f1", "f_c",
+                      "tp_c", "tn_c", "fp_c", "fn_c", "fp_d", "fn_d")
+DETECTION_ROW = "detection"
+
+
+def format_class_table(score: ClassScore, radius_um: float | None = None) -> str:
+    """Aligned plain-text table of a class score: a first line with F_d, then per class n_true, n_pred, F_c
+    (HoVer-Net's), and the plain F1, precision and recall of the class after the global matching."""
+    within = f" within {radius_um:g} µm" if radius_um is not None else ""
+    d = score.detection
+    head = (f"detection F_d {score.f_d:.3f}{within} (tp {d.tp}, fp {d.fp}, fn {d.fn}); "
+            f"F_c: HoVer-Net's class F, F1: per class after the same matching")
+    rows = [list(_CLASS_COLUMNS)]
+    for k, name in enumerate(score.classes):
+        ratios = (score.f_c(k), score.f1(k), score.precision(k), score.recall(k))
+        rows.append([name, str(score.n_true(k)), str(score.n_pred[k]), *(f"{v:.3f}" for v in ratios)])
+    widths = [max(len(r[k]) for r in rows) for k in range(len(_CLASS_COLUMNS))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(cells, widths)))
+
+    rule = "  ".join("-" * w for w in widths)
+    unlabelled = d.n_true - sum(score.n_true(k) for k in range(len(score.classes)))
+    tail = [f"({unlabelled} annotated nuclei without a class count for detection only)"] if unlabelled else []
+    return "\n".join([head, line(rows[0]), rule, *map(line, rows[1:]), *tail]) + "\n"
+
+
+def write_class_scores_csv(path: str | os.PathLike[str], score: ClassScore) -> Path:
+    """A class score as CSV: a `detection` row (its f1 is F_d) and one row per class with the plain counts, F1
+    and F_c and the matched-pair counts F_c is computed from; written atomically like `write_scores_csv`.
+    Name it `*_scores.csv` so that `read_predictions` never takes it for results."""
+    d = score.detection
+    rows = [[DETECTION_ROW, d.n_true, d.n_pred, d.tp, d.fp, d.fn, f"{d.precision:.6f}", f"{d.recall:.6f}",
+             f"{d.f1:.6f}", "", "", "", "", "", d.fp, d.fn]]
+    for k, name in enumerate(score.classes):
+        c = score.counts(k)
+        rows.append([name, score.n_true(k), score.n_pred[k], c.tp, c.fp, c.fn, f"{c.precision:.6f}",
+                     f"{c.recall:.6f}", f"{c.f1:.6f}", f"{score.f_c(k):.6f}", score.tp_c[k], score.tn_c[k],
+                     score.fp_c[k], score.fn_c[k], score.fp_d, score.fn_d])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(_CLASS_CSV_COLUMNS)
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    return Path(path)
+
+
+def _class_index(values: np.ndarray, n: int, k: int, name: str) -> np.ndarray:
+    out = np.asarray(values).reshape(-1)
+    if len(out) != n:
+        raise ValueError(f"{name} has {len(out)} entries for {n} points")
+    if out.size and not np.issubdtype(out.dtype, np.integer):
+        raise ValueError(f"{name} must be class indices (integers), got {out.dtype}")
+    out = out.astype(np.int64)
+    if out.size and (out.min() < -1 or out.max() >= k):
+        raise ValueError(f"{name} has indices outside -1 … {k - 1}")
     return out
 
 
@@ -347,6 +617,12 @@ def _some(names: list[str], shown: int = 5) -> str:
 def detect_images(images, predictor, cfg) -> dict[str, np.ndarray]:
     """Nucleus centres (level-0 x, y) of annotated images (`datasets.AnnotatedImage`), through the same `detect`
     as a run: what every accuracy figure of a model is computed from."""
+    return {name: det.xy for name, det in detections_of_images(images, predictor, cfg).items()}
+
+
+def detections_of_images(images, predictor, cfg) -> dict:
+    """`Detections` (centres, and class probabilities where the model has a class head and `cfg.classes`) of
+    annotated images, through the same `detect` as a run."""
     from ..detection.loop import detect
     from ..io.slide import open_slide
 
@@ -354,7 +630,7 @@ def detect_images(images, predictor, cfg) -> dict[str, np.ndarray]:
     for im in images:
         slide = open_slide(im.path, mpp=im.mpp)
         try:
-            out[im.name] = detect(slide, cfg, predictor).detections.xy
+            out[im.name] = detect(slide, cfg, predictor).detections
         finally:
             slide.close()
     return out

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import UsageError
-from ..evaluate.annotations import image_key, read_points, read_regions
+from ..evaluate.annotations import image_key, read_labelled_points, read_regions
 from ..io.files import expand
 from ..io.slide import PLAIN_IMAGE_SUFFIXES, open_slide
 
@@ -28,14 +28,17 @@ _EDGE_TOLERANCE_PX = 1.0
 
 @dataclass(frozen=True)
 class LabImage:
-    """One annotated image: its file, µm/px, nucleus centres in level-0 pixels and the annotated regions
-    (shapely polygons in level-0 pixels; empty: the whole image is annotated)."""
+    """One annotated image: its file, µm/px, nucleus centres in level-0 pixels, the annotated regions
+    (shapely polygons in level-0 pixels; empty: the whole image is annotated) and the class label of each
+    nucleus as the annotation names it (an (N,) object array, None per unlabelled point; None: no labels),
+    kept raw so that `wsiproc.detection.classes.ClassMap` decides what each name means."""
 
     name: str
     path: Path
     mpp: float
     points_xy: np.ndarray
     regions: tuple = ()
+    labels: np.ndarray | None = None
 
     def read_rgb(self) -> np.ndarray:
         slide = open_slide(self.path, self.mpp)
@@ -75,10 +78,12 @@ class Domain:
 
 @dataclass(frozen=True)
 class Annotations:
-    """Everything the annotation files of a spec say, by image name: nucleus centres and annotated regions."""
+    """Everything the annotation files of a spec say, by image name: nucleus centres, annotated regions and the
+    nuclei's class labels (`labels`: {image: (N,) object array of raw names, or None where the file has none})."""
 
     points: dict = field(default_factory=dict)
     regions: dict = field(default_factory=dict)
+    labels: dict = field(default_factory=dict)
 
     @classmethod
     def read(cls, spec: str) -> "Annotations":
@@ -88,13 +93,15 @@ class Annotations:
             raise UsageError(f"{spec}: no annotation files found")
         points: dict = {}
         regions: dict = {}
+        labels: dict = {}
         for path in files:
             try:
-                points.update(read_points(path))
+                for name, found in read_labelled_points(path).items():
+                    points[name], labels[name] = found.xy, found.labels
                 regions.update(read_regions(path))
             except ValueError as exc:
                 raise UsageError(str(exc)) from exc
-        return cls(points, regions)
+        return cls(points, regions, labels)
 
     def key_for(self, path: Path) -> str | None:
         """The name under which the annotations of image `path` are held (its stem, or its image key), or None."""
@@ -134,7 +141,7 @@ def lab_images(image_files: Iterable[Path], annotations: Annotations, mpp: float
 
             if sum(r.intersection(box(-0.5, -0.5, w - 0.5, h - 0.5)).area for r in regions) <= 0:
                 raise UsageError(f"{path}: its annotated regions lie outside the image ({w} × {h} px)")
-        out.append(LabImage(key, path, mpp, pts, regions))
+        out.append(LabImage(key, path, mpp, pts, regions, annotations.labels.get(key)))
     return out
 
 

@@ -86,3 +86,65 @@ def format_check(checks: Sequence[DomainCheck]) -> str:
 
 def mean_f1(checks: Sequence[DomainCheck], label: str) -> float:
     return float(np.mean([c.scores[label].f1 for c in checks])) if checks else float("nan")
+
+
+#: HoVer-Net's matching radius for nucleus types (Graham et al. 2019), which the class figures use.
+CLASS_RADIUS_UM = 3.0
+
+
+@dataclass(frozen=True)
+class ClassCheck:
+    """One domain's held-out class scores (`ClassScore`) for each model with a class head, by label."""
+
+    domain: str
+    images: int
+    scores: dict
+
+    def to_dict(self) -> dict:
+        return {"domain": self.domain, "images": self.images, "radius_um": CLASS_RADIUS_UM, **{
+            label: {"f_d": round(s.f_d, 4), **{f"f_c_{c}": round(s.f_c(c), 4) for c in s.classes},
+                    **{f"f1_{c}": round(s.f1(c), 4) for c in s.classes}} for label, s in self.scores.items()}}
+
+
+def class_check(domains: Sequence, models: dict[str, Path], class_map, radius_um: float = CLASS_RADIUS_UM) -> list[ClassCheck]:
+    """Each domain whose held-out images carry class labels, scored with every model of `models` that has a
+    class head (HoVer-Net's protocol: `evaluate.scoring.score_classes` within `radius_um`)."""
+    from ..detection.inference import Predictor
+    from ..evaluate.scoring import detections_of_images, evaluate_class_sets
+
+    predictors = {label: p for label, path in models.items() if (p := Predictor(path)).classes}
+    out = []
+    for domain in domains:
+        images = [im for im in domain.held_out if getattr(im, "labels", None) is not None
+                  and any(class_map.class_of(v) for v in im.labels if v is not None)]
+        if not images or not predictors:  # no held-out label names a class (e.g. QuPath's "Nucleus"): nothing to check
+            continue
+        truth = {}
+        for im in images:
+            cls = class_map.indices(im.labels, im.name)
+            inside = im.inside(im.points_xy) if hasattr(im, "inside") else np.ones(len(cls), bool)
+            truth[im.name] = (im.points_xy[inside], cls[inside])
+        scores = {}
+        for label, p in predictors.items():
+            pred = {}
+            for name, det in detections_of_images(images, p, RunConfig(tissue_mask=False)).items():
+                im = next(i for i in images if i.name == name)
+                inside = im.inside(det.xy) if hasattr(im, "inside") else np.ones(len(det), bool)
+                pred[name] = (det.xy[inside], np.argmax(det.class_probs, axis=1)[inside])
+            scores[label] = evaluate_class_sets(pred, truth, {im.name: radius_um / im.mpp for im in images})[1]
+        out.append(ClassCheck(domain.name, len(images), scores))
+    return out
+
+
+def format_class_check(checks: Sequence[ClassCheck]) -> str:
+    """A table: one row per domain and model, F_d and each class' F_c (HoVer-Net's) and F1."""
+    if not checks:
+        return ""
+    classes = next(iter(checks[0].scores.values())).classes
+    head = "| domain | model | F_d | " + " | ".join(f"F_c {c}" for c in classes) + " | " + " | ".join(f"F1 {c}" for c in classes) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for c in checks:
+        for label, s in c.scores.items():
+            lines.append(f"| {c.domain} | {label} | {s.f_d:.3f} | " + " | ".join(f"{s.f_c(k):.3f}" for k in classes)
+                         + " | " + " | ".join(f"{s.f1(k):.3f}" for k in classes) + " |")
+    return "\n".join(lines)

@@ -9,6 +9,10 @@
 
 `domain(name, root, split)` returns `AnnotatedImage`s with `split` in 'train', 'held_out' or 'all'; training
 samples every domain's 'train' part equally so that no domain dominates (see `training.DomainSampler`).
+
+brca and consep label every point with a nucleus type (`AnnotatedImage.labels`, the data sets' own names:
+`lymphocyte`, `tumor_epithelial`, `stromal`; `inflammatory`, `epithelial`, `spindle_other`), which
+`wsiproc.detection.classes.ClassMap` maps onto the model's classes; monuseg and crc have none.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ..evaluate.annotations import Points, read_labelled_points
 
 MONUSEG_MPP = 0.25
 CRC_MPP = 0.55
@@ -38,13 +44,15 @@ MONUSEG_HELD_OUT = (
 
 @dataclass
 class AnnotatedImage:
-    """An image file, its pixel size and its annotated nucleus centres in level-0 pixel coordinates."""
+    """An image file, its pixel size, its annotated nucleus centres in level-0 pixel coordinates, the instance
+    label map where there is one, and each point's class label (raw name; None: the data set has no classes)."""
 
     name: str
     path: Path
     mpp: float
     points_xy: np.ndarray
     label_path: Path | None = None
+    labels: np.ndarray | None = None
 
     def read_rgb(self) -> np.ndarray:
         return np.asarray(Image.open(self.path).convert("RGB"))
@@ -72,12 +80,12 @@ def monuseg(root: str | Path, split: str = "all") -> list[AnnotatedImage]:
     return out
 
 
-def _points_by_image(csv_path: Path) -> dict[str, np.ndarray]:
-    by_image: dict[str, list[tuple[float, float]]] = {}
-    with open(csv_path, newline="") as fh:
-        for r in csv.DictReader(fh):
-            by_image.setdefault(r["image"], []).append((float(r["x"]), float(r["y"])))
-    return {k: np.asarray(v, dtype=np.float64).reshape(-1, 2) for k, v in by_image.items()}
+def _points_by_image(csv_path: Path) -> dict[str, Points]:
+    """{image: points and their `class` column} of a data set's `image,x,y[,class]` table."""
+    return read_labelled_points(csv_path)
+
+
+_NO_POINTS = Points(np.zeros((0, 2)))
 
 
 def _number(stem: str) -> int:
@@ -98,7 +106,8 @@ def _numbered(root: Path, pattern: str, mpp: float, split: str, every: int) -> l
         held = _number(p.stem) % every == 0
         if (split == "train" and held) or (split == "held_out" and not held):
             continue
-        out.append(AnnotatedImage(p.stem, p, mpp, points.get(p.stem, np.zeros((0, 2)))))
+        pts = points.get(p.stem, _NO_POINTS)
+        out.append(AnnotatedImage(p.stem, p, mpp, pts.xy, labels=pts.labels))
     return out
 
 
@@ -124,7 +133,8 @@ def brca_m2c(root: str | Path, split: str = "all") -> list[AnnotatedImage]:
         held = official[name] == "test"
         if (split == "train" and held) or (split == "held_out" and not held):
             continue
-        out.append(AnnotatedImage(name, root / "images" / f"{name}.jpg", BRCA_MPP, points.get(name, np.zeros((0, 2)))))
+        pts = points.get(name, _NO_POINTS)
+        out.append(AnnotatedImage(name, root / "images" / f"{name}.jpg", BRCA_MPP, pts.xy, labels=pts.labels))
     return out
 
 

@@ -142,7 +142,11 @@ def _initial_model(start: Start, policy: str):
     from ..detection.model import build_model, load_model, with_policy
 
     if start.init_model is not None:
-        model = load_model(start.init_model)
+        from ..detection.architectures import without_class_head
+
+        # The detector alone: its loss is on the confidence map; a class head is trained (or carried over) after
+        # the trunk, by `train_domains` (`class_head`).
+        model = without_class_head(load_model(start.init_model))
         for layer in model.layers:  # layers an earlier run kept fixed are stored so; this run's recipe decides anew
             layer.trainable = True
     else:
@@ -329,8 +333,25 @@ def fit(source: BlockSource, out_path: str | Path, recipe: Recipe, work_dir: str
             batches.close()
     save_checkpoint()
     final = with_dtype(model, "float32")  # float32 compute and no optimiser: what a run loads
-    save_model(final, out_path)
+    save_model(carry_class_head(start.init_model, final), out_path)
     return state
+
+
+def carry_class_head(init_model: Path | None, model):
+    """`model` (a detector) with the class head of `init_model` put back unchanged, where it has one: training the
+    detector (own-lab fine-tuning, adaptation) must not silently drop the nucleus types a run reports."""
+    if init_model is None:
+        return model
+    from ..detection.architectures import CLASS_HEAD_LAYERS, attach_class_head, has_class_head
+    from ..detection.model import load_model
+
+    source = load_model(init_model)
+    if not has_class_head(source):
+        return model
+    out = attach_class_head(model, source.get_layer("class_logits").filters, width=source.get_layer("class_conv").filters)
+    for name in CLASS_HEAD_LAYERS[:-1]:
+        out.get_layer(name).set_weights(source.get_layer(name).get_weights())
+    return out
 
 
 def step_progress(label: str, stream=sys.stderr) -> tuple[ProgressFn, Callable[[], None]]:

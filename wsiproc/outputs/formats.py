@@ -1,6 +1,10 @@
 """Result files of one slide: detections as CSV and QuPath GeoJSON, a nucleus density map, and (last) the run
 record of `wsiproc.outputs.record`.
 
+Where the detections carry nucleus types (`Detections.class_probs`, see `wsiproc.detection.classes`), the CSV
+gains a class and a probability per class, each GeoJSON detection is classified by its type, and one density
+map per class is written beside the total; without them every file is exactly what it was before classes.
+
 Every file is written through `wsiproc.io.files.atomic_path`, so a run that is killed half way never leaves a file under
 its final name that looks finished; `write_outputs` writes the run record last, so its presence marks a
 complete result.
@@ -23,9 +27,10 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from ..detection.classes import CLASSES, QUPATH_CLASSES
 from ..detection.detections import Detections
 from ..io.files import atomic_path
-from .record import write_run_record
+from .record import class_figures, write_run_record
 
 if TYPE_CHECKING:
     from .qc import QcSlide
@@ -34,6 +39,7 @@ __all__ = [
     "write_csv",
     "write_geojson",
     "density_map",
+    "class_density_maps",
     "write_density_tiff",
     "write_density_png",
     "write_outputs",
@@ -41,6 +47,10 @@ __all__ = [
 ]
 
 CSV_HEADER = "x,y,x_um,y_um,confidence,area_um2"
+#: Probability columns (CSV) and measurements (GeoJSON) of the nucleus types, in `CLASSES` order.
+CLASS_PROB_NAMES = tuple(f"p_{name}" for name in CLASSES)
+#: What the CSV header gains with classes: the most probable class, then each class' probability.
+CSV_CLASS_HEADER = ",".join(("class", *CLASS_PROB_NAMES))
 NUCLEUS_CLASS = "Nucleus"
 NUCLEUS_COLOR_RGB = (200, 0, 120)
 """QuPath draws (and lists) detections in their classification's colour; a magenta that stands out on H&E."""
@@ -73,52 +83,100 @@ def _columns(det: Detections) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     return cols  # type: ignore[return-value]
 
 
+def _class_columns(det: Detections) -> tuple[np.ndarray, np.ndarray] | None:
+    """Class index (into `CLASSES`, the most probable) and (N, K) float64 probabilities in the order of
+    `_columns`; None without classes."""
+    if det.class_probs is None:
+        return None
+    probs = np.asarray(det.class_probs, dtype=np.float64)[_sorted_order(det)]
+    if not np.all(np.isfinite(probs)):
+        raise ValueError("Detections.class_probs has non-finite values")
+    winners = np.argmax(probs, axis=1) if len(probs) else np.zeros(0, np.int64)
+    return winners, probs
+
+
 def write_csv(path: str | os.PathLike[str], det: Detections, mpp: float) -> Path:
     """CSV with pixel-index and micrometre coordinates; fixed decimals keep files diffable across runs.
+
+    With classes the columns `class` (the most probable of `CLASSES`) and `p_<class>` (its probabilities, with
+    the confidence's decimals) follow the others.
 
     Rows are %-formatted from Python floats per chunk: np.savetxt formats numpy scalars one by one and
     is about twice as slow on a million rows.
     """
     x, y, conf, area = _columns(det)
-    row = ",".join(f"%.{_DECIMALS[k]}f" for k in ("x", "y", "um", "um", "confidence", "area")) + "\n"
+    classes = _class_columns(det)
+    row = ",".join(f"%.{_DECIMALS[k]}f" for k in ("x", "y", "um", "um", "confidence", "area"))
+    header = CSV_HEADER
+    if classes is not None:
+        row += ",%s" + f",%.{_DECIMALS['confidence']}f" * len(CLASSES)
+        header += "," + CSV_CLASS_HEADER
+        names = np.asarray(CLASSES, dtype=object)
+    row += "\n"
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-        fh.write(CSV_HEADER + "\n")
+        fh.write(header + "\n")
         for start in range(0, len(x), _CHUNK):
             part = slice(start, start + _CHUNK)
             xs, ys = x[part], y[part]
             columns = [xs, ys, xs * mpp, ys * mpp, conf[part], area[part]]
+            if classes is not None:
+                winners, probs = classes[0][part], classes[1][part]
+                columns += [names[winners], *probs.T]
             fh.write("".join([row % values for values in zip(*(c.tolist() for c in columns))]))
     return Path(path)
 
 
-def _feature_template() -> str:
+def _classification(name: str, rgb: tuple[int, int, int]) -> dict:
+    """A QuPath classification as `GsonTools.PathClassTypeAdapter` reads it: a name and an [r, g, b] colour."""
+    return {"name": name, "color": [int(c) for c in rgb]}
+
+
+def _feature_template(with_classes: bool = False) -> str:
     """A %-format template for one QuPath detection, derived from a `geojson.Feature` prototype.
 
     `geojson.dumps` costs ~80 µs per feature (about 80 s per million nuclei), so features are formatted
     from this template instead (~1 µs each). Deriving it from the library's own serialisation keeps the
     structure defined in one place; `write_geojson`'s tests parse the result with `geojson.loads`.
+
+    `with_classes`: the classification is a `%s` slot (filled with one of `_classification_texts()`) and the
+    measurements gain `p_<class>` after confidence and area; without, it is the template of before classes.
     """
     marks = {"id": "@@ID@@", "x": 1.125, "y": 2.125, "c": 3.125, "a": 4.125}
+    prob_marks = {name: 5.125 + i for i, name in enumerate(CLASS_PROB_NAMES)} if with_classes else {}
+    classification = _classification(NUCLEUS_CLASS, NUCLEUS_COLOR_RGB)
     proto = geojson.Feature(
         id=marks["id"],
         geometry=geojson.Point((marks["x"], marks["y"])),
         properties={
             "objectType": "detection",
-            "classification": {"name": NUCLEUS_CLASS, "color": list(NUCLEUS_COLOR_RGB)},
-            "measurements": {"confidence": marks["c"], "area µm^2": marks["a"]},
+            "classification": classification,
+            "measurements": {"confidence": marks["c"], "area µm^2": marks["a"], **prob_marks},
         },
     )
     text = geojson.dumps(proto, ensure_ascii=False, separators=(",", ":")).replace("%", "%%")
-    for old, new in [
+    replacements = [
         (f'"{marks["id"]}"', '"%s"'),
         (f"[{marks['x']!r},{marks['y']!r}]", f"[%.{_DECIMALS['x']}f,%.{_DECIMALS['y']}f]"),
         (f'"confidence":{marks["c"]!r}', f'"confidence":%.{_DECIMALS["confidence"]}f'),
         (f'"area µm^2":{marks["a"]!r}', f'"area µm^2":%.{_DECIMALS["area"]}f'),
-    ]:
+    ]
+    if with_classes:
+        replacements.append((f'"classification":{_compact_json(classification)}', '"classification":%s'))
+        replacements += [(f'"{name}":{mark!r}', f'"{name}":%.{_DECIMALS["confidence"]}f') for name, mark in prob_marks.items()]
+    for old, new in replacements:
         if text.count(old) != 1:
             raise RuntimeError(f"unexpected geojson serialisation, cannot find {old!r} in {text}")
         text = text.replace(old, new)
     return text
+
+
+def _compact_json(value) -> str:
+    return geojson.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _classification_texts() -> list[str]:
+    """The serialised QuPath classification of each class, in `CLASSES` order (`QUPATH_CLASSES`)."""
+    return [_compact_json(_classification(*QUPATH_CLASSES[name])) for name in CLASSES]
 
 
 def _uuid4_strings(n: int, rng: np.random.Generator | None) -> list[str]:
@@ -152,6 +210,8 @@ def write_geojson(
 
     Coordinates are level-0 pixels in QuPath's convention, where pixel (0, 0) spans [0, 1): the
     pixel-index coordinates of `Detections` plus half a pixel, so points sit on the nucleus in QuPath.
+    Without classes every detection is of class "Nucleus"; with them, of its most probable class's QuPath
+    class (`QUPATH_CLASSES`: Epithelial, Immune cells, Stroma), and its measurements hold `p_<class>` too.
     `mpp` is not applied; it is accepted so every writer takes the same arguments. All numbers carry the
     CSV's fixed decimals. `id_seed` makes the feature ids reproducible; by default they are
     random, as QuPath expects ids to be unique across imports. `gzip=True` compresses (name the file
@@ -159,7 +219,10 @@ def write_geojson(
     """
     del mpp
     x, y, conf, area = _columns(det)
-    template = _feature_template()
+    classes = _class_columns(det)
+    template = _feature_template(with_classes=classes is not None)
+    if classes is not None:
+        classification = np.asarray(_classification_texts(), dtype=object)
     rng = np.random.default_rng(id_seed) if id_seed is not None else None
 
     with atomic_path(path) as tmp, open(tmp, "wb") as raw:
@@ -171,8 +234,13 @@ def write_geojson(
             for start in range(0, len(x), _CHUNK):
                 part = slice(start, start + _CHUNK)
                 ids = _uuid4_strings(len(x[part]), rng)
-                rows = zip(ids, (x[part] + QUPATH_PIXEL_OFFSET).tolist(), (y[part] + QUPATH_PIXEL_OFFSET).tolist(),
-                           conf[part].tolist(), area[part].tolist())
+                columns = [ids, (x[part] + QUPATH_PIXEL_OFFSET).tolist(), (y[part] + QUPATH_PIXEL_OFFSET).tolist()]
+                if classes is not None:
+                    columns.append(classification[classes[0][part]].tolist())
+                columns += [conf[part].tolist(), area[part].tolist()]
+                if classes is not None:
+                    columns += [p.tolist() for p in classes[1][part].T]
+                rows = zip(*columns)
                 if start:
                     fh.write(",\n")
                 fh.write(",\n".join([template % row for row in rows]))
@@ -204,15 +272,36 @@ def density_map(
     return counts.astype(np.float32)
 
 
-def write_density_tiff(path: str | os.PathLike[str], density: np.ndarray, cell_um: float, mpp: float) -> Path:
+def class_density_maps(
+    det: Detections, level0_shape_hw: tuple[int, int], mpp: float, cell_um: float = 50.0
+) -> dict[str, np.ndarray] | None:
+    """`density_map` of each class' nuclei (by most probable class), on the total map's grid; None without
+    classes. Every nucleus is in exactly one class, so the maps sum to `density_map(det, ...)`."""
+    if det.class_probs is None:
+        return None
+    winners = np.argmax(det.class_probs, axis=1) if len(det) else np.zeros(0, np.int64)
+    return {name: density_map(det.take(winners == i), level0_shape_hw, mpp, cell_um) for i, name in enumerate(CLASSES)}
+
+
+def write_density_tiff(path: str | os.PathLike[str], density: np.ndarray, cell_um: float, mpp: float,
+                       nucleus_class: str | None = None) -> Path:
     """Float32 TIFF whose pixel size is the grid cell, so GIS/image tools show it at the right scale.
 
     The cell size is recorded twice: as TIFF resolution (pixels per centimetre) for generic readers, and
     as JSON in ImageDescription together with the slide's level-0 pixel size for our own tools.
+    `nucleus_class` names the class a per-class map counts (`"class"` in the description; absent for the total).
+
+    Per-class maps are files of their own (`<stem>_density_<class>.tiff`), not pages or channels of the total
+    map's TIFF: each one is then read exactly like the total (one float32 page with the same resolution tags,
+    by `tifffile.imread`, Fiji/ImageJ, QuPath or a GIS tool, with nothing to know about page order or channel
+    names, which plain TIFF cannot label and ImageJ would show as a z-stack), and `<stem>_density.tiff` stays
+    the single page that scripts reading it already expect.
     """
-    description = json.dumps(
-        {"quantity": "nuclei per cell", "cell_um": float(cell_um), "level0_mpp": float(mpp), "shape_hw": list(density.shape)}
-    )
+    meta: dict = {"quantity": "nuclei per cell" if nucleus_class is None else f"{nucleus_class} nuclei per cell"}
+    if nucleus_class is not None:
+        meta["class"] = nucleus_class
+    meta.update({"cell_um": float(cell_um), "level0_mpp": float(mpp), "shape_hw": list(density.shape)})
+    description = json.dumps(meta)
     per_cm = 10_000.0 / cell_um
     with atomic_path(path) as tmp:
         tifffile.imwrite(
@@ -259,7 +348,9 @@ def write_density_png(path: str | os.PathLike[str], density: np.ndarray, max_sid
 
 #: Every file `write_outputs` may write for a slide, after its `<stem>` (`.geojson.gz` instead of `.geojson`
 #: with gzip, `_qc.png` with a QC picture): what a batch removes when a slide's set was left incomplete.
-RESULT_SUFFIXES = (".csv", ".geojson", ".geojson.gz", "_density.tiff", "_density.png", "_qc.png", ".json")
+#: `_density_<class>.tiff` only with classes.
+RESULT_SUFFIXES = (".csv", ".geojson", ".geojson.gz", "_density.tiff", "_density.png",
+                   *(f"_density_{name}.tiff" for name in CLASSES), "_qc.png", ".json")
 
 
 def write_outputs(
@@ -276,7 +367,9 @@ def write_outputs(
 ) -> dict[str, Path]:
     """Write every result file of one slide; `<stem>.json` last, as the marker of a complete result.
 
-    With `qc` (the slide's sampler and tissue mask) the QC picture `<stem>_qc.png` is drawn too.
+    With `qc` (the slide's sampler and tissue mask) the QC picture `<stem>_qc.png` is drawn too. With classes
+    (`det.class_probs`) a density map per class `<stem>_density_<class>.tiff` is written (keys
+    `density_tiff_<class>`), and the record gains "classes" (`record.class_figures`).
 
     A record left by an earlier run is removed first: otherwise a rerun interrupted half way would leave
     the old marker next to a mix of old and new files. `record` is not modified; the written copy gains
@@ -291,6 +384,10 @@ def write_outputs(
         "density_png": out / f"{stem}_density.png",
         "record": out / f"{stem}.json",
     }
+    per_class = class_density_maps(det, level0_shape_hw, mpp, cell_um)
+    if per_class is not None:
+        paths = {**{k: v for k, v in paths.items() if k != "record"},
+                 **{f"density_tiff_{name}": out / f"{stem}_density_{name}.tiff" for name in CLASSES}, "record": paths["record"]}
     paths["record"].unlink(missing_ok=True)
 
     write_csv(paths["csv"], det, mpp)
@@ -298,6 +395,8 @@ def write_outputs(
     density = density_map(det, level0_shape_hw, mpp, cell_um)
     write_density_tiff(paths["density_tiff"], density, cell_um, mpp)
     write_density_png(paths["density_png"], density)
+    for name, class_density in (per_class or {}).items():
+        write_density_tiff(paths[f"density_tiff_{name}"], class_density, cell_um, mpp, nucleus_class=name)
     if qc is not None:
         paths = {**{k: v for k, v in paths.items() if k != "record"}, "qc_png": out / f"{stem}_qc.png", "record": paths["record"]}
         from .qc import write_qc_png
@@ -307,5 +406,7 @@ def write_outputs(
     full = dict(record)
     full["outputs"] = {key: p.name for key, p in paths.items()}
     full["nuclei"] = len(det)
+    if det.class_probs is not None:
+        full["classes"] = class_figures(det.class_counts(), full)
     write_run_record(paths["record"], full)
     return paths

@@ -3,7 +3,9 @@
 Numbers in a CSV cannot show that a run went wrong in a way the counts hide (the tissue mask missed a
 fragment, the detector fires on pen marks, the points are shifted by a wrong µm/px). One glance at
 `<stem>_qc.png` can: (a) the thumbnail with the tissue outline, (b) the density heat map, (c) a zoomed crop
-of the densest cell's neighbourhood at near-model resolution with every detected centroid circled.
+of the densest cell's neighbourhood at near-model resolution with every detected centroid circled; with nucleus
+types (`Detections.class_probs`) each circle has its class' colour (`CLASS_COLOURS_HEX`) and a legend names the
+classes with their counts.
 
 All three panels are drawn in slide micrometres (top-left edge of the slide at 0), so thumbnail, mask,
 density grid and crop line up whatever their own pixel sizes are.
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..detection.classes import CLASS_COLOURS_HEX, CLASSES
 from ..detection.detections import Detections
 from ..io.files import atomic_path
 from ..detection.tiling import SlideSampler
@@ -240,19 +243,47 @@ def _draw_density(fig, ax, thumb: np.ndarray, slide_extent, d: np.ndarray, cell_
 
 def _draw_zoom(ax, crop_rgb: np.ndarray, crop_extent, crop: QCCrop, crop_mpp: float, det: Detections, level0_mpp: float,
                small: float) -> None:
-    """(c) the crop with every detected centroid circled (in µm, so circles have a physical size)."""
+    """(c) the crop with every detected centroid circled (in µm, so circles have a physical size); with classes
+    in its class' colour, and a legend below the crop."""
     from matplotlib.collections import EllipseCollection
 
     ax.imshow(crop_rgb, extent=crop_extent, interpolation="antialiased")
     x_um = (np.asarray(det.x_px, dtype=np.float64) + 0.5) * level0_mpp
     y_um = (np.asarray(det.y_px, dtype=np.float64) + 0.5) * level0_mpp
     inside = crop.contains(x_um, y_um)
+    winners = None
+    if det.class_probs is not None:
+        winners = np.argmax(det.class_probs, axis=1) if len(det) else np.zeros(0, np.int64)
     if inside.any():
         diameter = 2 * MARKER_RADIUS_UM
+        colours = MARKER_COLOR if winners is None else np.asarray([CLASS_COLOURS_HEX[c] for c in CLASSES])[winners[inside]]
         circles = EllipseCollection(diameter, diameter, 0.0, units="xy", offsets=np.stack([x_um[inside], y_um[inside]], axis=1),
-                                    offset_transform=ax.transData, facecolors="none", edgecolors=MARKER_COLOR, linewidths=0.8)
+                                    offset_transform=ax.transData, facecolors="none", edgecolors=colours,
+                                    linewidths=0.8 if winners is None else 1.0)
         ax.add_collection(circles)
+    if winners is not None:
+        _class_legend(ax, winners, inside, small)
     ax.set_xlim(crop_extent[0], crop_extent[1])
     ax.set_ylim(crop_extent[2], crop_extent[3])
     ax.set_title(f"zoom {crop.width_um:.0f}×{crop.height_um:.0f} µm at {crop_mpp:g} µm/px: {int(inside.sum())} nuclei",
                  fontsize=small)
+
+
+def class_legend_labels(winners: np.ndarray, inside: np.ndarray) -> list[str]:
+    """One legend line per class: its name, its nuclei in the zoom and in the whole slide (with its share)."""
+    total = len(winners)
+    in_slide = np.bincount(winners, minlength=len(CLASSES))
+    in_zoom = np.bincount(winners[inside], minlength=len(CLASSES))
+    return [f"{name}: {int(z)} here, {int(n):,} in slide ({100 * n / total:.0f}%)" if total else f"{name}: 0"
+            for name, z, n in zip(CLASSES, in_zoom, in_slide)]
+
+
+def _class_legend(ax, winners: np.ndarray, inside: np.ndarray, small: float) -> None:
+    """The classes' colours and counts under the zoom (outside the crop, so no nucleus is hidden)."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], linestyle="none", marker="o", markersize=7, markerfacecolor="none", markeredgewidth=1.5,
+                      markeredgecolor=CLASS_COLOURS_HEX[name], label=label)
+               for name, label in zip(CLASSES, class_legend_labels(winners, inside))]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=1, fontsize=small - 1, frameon=False,
+              handletextpad=0.3, borderaxespad=0.0)

@@ -1,5 +1,8 @@
 """The run record `<stem>.json`: what was run on which input with which model and parameters, what it found,
-and how long it took. Written last, it marks a complete result (see `wsiproc.cohort.batch`)."""
+and how long it took. Written last, it marks a complete result (see `wsiproc.cohort.batch`).
+
+What it found: "nuclei", and with nucleus types (`wsiproc.detection.classes`) "classes", each class' count and
+density per mm² of tissue (`class_figures`); a record without classes has no "classes" key at all."""
 from __future__ import annotations
 
 import json
@@ -35,10 +38,11 @@ class RunRecord:
     nuclei: int = 0
     outputs: dict[str, str] = field(default_factory=dict)  # key → file name in the output folder
     wsiproc_version: str = __version__
+    classes: dict | None = None  # class_figures; None (and no "classes" key in the file) without classes
 
     @classmethod
     def of(cls, slide: Slide, predictor, cfg: RunConfig, result: SlideDetections, extra_input: dict | None = None) -> "RunRecord":
-        return cls(
+        record = cls(
             input={**slide_summary(slide), **(extra_input or {})},
             model={"path": str(predictor.model_path), "sha256": predictor.sha256, "device": predictor.device,
                    "precision": getattr(predictor, "precision", "float32"),
@@ -49,9 +53,39 @@ class RunRecord:
             tiles=dict(result.tiles), timings_s=dict(result.timings_s), stats=dict(result.figures),
             warnings=list(result.warnings), nuclei=len(result.detections),
         )
+        counts = result.detections.class_counts()
+        if counts is not None:
+            record.classes = class_figures(counts, {"tiles": record.tiles, "mpp_used": record.mpp_used, "input": record.input})
+        return record
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        record = asdict(self)
+        if record["classes"] is None:
+            del record["classes"]
+        return record
+
+
+def tissue_mm2(record: dict) -> float | None:
+    """The tissue area of a run record's slide: the tissue mask's (8 µm grid, borders grown by 16 µm) share of
+    the slide; None where the record does not say (no tissue mask, --no-tissue-mask)."""
+    try:
+        fraction = record["tiles"]["tissue_fraction"]
+        mpp, info = record["mpp_used"], record["input"]
+        return fraction * info["level0_width_px"] * mpp * info["level0_height_px"] * mpp / 1e6
+    except (KeyError, TypeError):
+        return None
+
+
+def per_mm2(count: int | None, area_mm2: float | None) -> float | None:
+    """Nuclei per mm² of tissue, one decimal; None where the count or the area is unknown (or the area is 0)."""
+    return round(count / area_mm2, 1) if area_mm2 and count is not None else None
+
+
+def class_figures(counts: dict[str, int], record: dict) -> dict:
+    """The record's "classes": per class (`Detections.class_counts`, by most probable class) its nuclei and their
+    density per mm² of the record's tissue (`tissue_mm2`, None where unknown), as "nuclei_per_mm2" is."""
+    area = tissue_mm2(record)
+    return {name: {"nuclei": int(n), "per_mm2": per_mm2(int(n), area)} for name, n in counts.items()}
 
 
 def _json_default(value: Any) -> Any:
