@@ -37,7 +37,7 @@ def test_detect_and_run_batch_read_like_the_readme(tmp_path: Path, predictor) ->
 
 def test_public_names_are_the_documented_ones() -> None:
     assert set(wsiproc.__all__) == {"__version__", "open_slide", "RunConfig", "detect", "run_batch", "Detections",
-                                  "CLASSES"}
+                                  "CLASSES", "Predictor"}
     assert {"detect", "run_batch"} <= set(dir(wsiproc))
 
 

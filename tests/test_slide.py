@@ -82,3 +82,11 @@ def test_slide_array_is_lazy_at_half_micron_and_agrees_with_halo_tiles(slides: P
     assert diff.max() <= 1 and (diff > 0).mean() < 0.001
     corner = tiles.blocks[0, 0].compute()
     assert (corner[:30] == 255).all() and (corner[:, :30] == 255).all()  # outside the slide: white halo
+
+
+def test_a_slide_closes_its_file_at_the_end_of_a_with_block(slides: Path) -> None:
+    with open_slide(slides / "CMU-1-Small-Region.svs") as slide:
+        assert slide.read_level(0, 0, 0, 8, 8).shape == (8, 8, 3)
+        handle = slide._handle
+    with pytest.raises(Exception, match="closed"):  # OpenSlide refuses to read through a closed handle
+        handle.read_region((0, 0), 0, (8, 8))

@@ -5,6 +5,7 @@ The public API, the way tiffslide and openslide-python offer theirs::
     import wsiproc
 
     slide = wsiproc.open_slide("case.svs")                     # any slide or plain image (pass mpp= if it has none)
+    model = wsiproc.Predictor()                                # the shipped model, loaded once for many slides
     nuclei = wsiproc.detect(slide)                             # wsiproc.Detections, level-0 pixel coordinates
     nuclei.classes, nuclei.class_probs                         # epithelial / inflammatory / stromal (wsiproc.CLASSES)
     nuclei = wsiproc.detect("case.svs", wsiproc.RunConfig(threshold=0.6))
@@ -28,6 +29,7 @@ _PUBLIC = {
     "RunConfig": "wsiproc.config",
     "Detections": "wsiproc.detection.detections",
     "CLASSES": "wsiproc.detection.classes",
+    "Predictor": "wsiproc.detection.inference",
     "detect": "wsiproc.api",
     "run_batch": "wsiproc.api",
 }

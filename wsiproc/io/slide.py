@@ -113,6 +113,13 @@ class Slide:
         if hasattr(self._handle, "close"):
             self._handle.close()  # type: ignore[union-attr]
 
+    def __enter__(self) -> "Slide":
+        """`with wsiproc.open_slide(path) as slide:` closes the file handle when the block ends, as openslide's does."""
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
 
 def _to_rgb(region: np.ndarray) -> np.ndarray:
     """RGB uint8 from gray, RGB or RGBA (premultiplied alpha composited onto white, as OpenSlide delivers)."""
