@@ -120,8 +120,8 @@ def build(arch: str, **kwargs):
 #: Where a class head reads the trunk, per architecture (the model's own name): the last features before the
 #: confidence map's upsampling, so the head sees everything the detector knows at no extra trunk cost.
 CLASS_HEAD_ANCHORS = {"valkonen_nuclei": "dropout_2", "vgg_lean_nuclei": "head_dropout"}
-#: The class head's layers (trained by `wsiproc.learn.class_head` on a frozen trunk; their names find them).
-CLASS_HEAD_LAYERS = ("class_conv", "class_mix", "class_logits", "class_probs")
+#: The class head's layers with weights (trained by `wsiproc.learn.class_head` on a frozen trunk; copied by name).
+CLASS_HEAD_LAYERS = ("class_conv", "class_mix", "class_logits")
 #: The model's output with a class head: confidence in channel 0, class probabilities after it.
 CLASS_OUTPUT_LAYER = "confidence_and_classes"
 

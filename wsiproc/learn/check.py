@@ -40,10 +40,15 @@ def scored_points(images: Sequence, predictor) -> tuple[dict, dict]:
     found = detect_images(images, predictor, RunConfig(tissue_mask=False))
     pred, truth = {}, {}
     for im in images:
-        inside = getattr(im, "inside", None)
-        pred[im.name] = found[im.name][inside(found[im.name])] if inside else found[im.name]
-        truth[im.name] = im.points_xy[inside(im.points_xy)] if inside else im.points_xy
+        pred[im.name] = found[im.name][in_regions(im, found[im.name])]
+        truth[im.name] = im.points_xy[in_regions(im, im.points_xy)]
     return pred, truth
+
+
+def in_regions(image, xy: np.ndarray) -> np.ndarray:
+    """Which points `xy` lie in the image's annotated regions (`LabImage.inside`; all, for images without)."""
+    inside = getattr(image, "inside", None)
+    return inside(xy) if inside else np.ones(len(xy), bool)
 
 
 def held_out_score(images: Sequence, predictor, radius_um: float = RADIUS_UM) -> Score:
@@ -119,17 +124,17 @@ def class_check(domains: Sequence, models: dict[str, Path], class_map, radius_um
                   and any(class_map.class_of(v) for v in im.labels if v is not None)]
         if not images or not predictors:  # no held-out label names a class (e.g. QuPath's "Nucleus"): nothing to check
             continue
+        by_name = {im.name: im for im in images}
         truth = {}
         for im in images:
             cls = class_map.indices(im.labels, im.name)
-            inside = im.inside(im.points_xy) if hasattr(im, "inside") else np.ones(len(cls), bool)
+            inside = in_regions(im, im.points_xy)
             truth[im.name] = (im.points_xy[inside], cls[inside])
         scores = {}
         for label, p in predictors.items():
             pred = {}
             for name, det in detections_of_images(images, p, RunConfig(tissue_mask=False)).items():
-                im = next(i for i in images if i.name == name)
-                inside = im.inside(det.xy) if hasattr(im, "inside") else np.ones(len(det), bool)
+                inside = in_regions(by_name[name], det.xy)
                 pred[name] = (det.xy[inside], np.argmax(det.class_probs, axis=1)[inside])
             scores[label] = evaluate_class_sets(pred, truth, {im.name: radius_um / im.mpp for im in images})[1]
         out.append(ClassCheck(domain.name, len(images), scores))

@@ -255,12 +255,13 @@ def train_head(train: Examples, recipe: HeadRecipe = HeadRecipe(), val: Examples
 
 
 def with_trained_head(model, head):
-    """The detector with the trained head attached (`attach_class_head`, weights copied by layer name)."""
-    from ..detection.architectures import attach_class_head
+    """The detector with the trained head attached (`attach_class_head`, weights copied by layer name); `head`
+    may also be another model that carries a class head (`trainer.carry_class_head`)."""
+    from ..detection.architectures import CLASS_HEAD_LAYERS, attach_class_head
 
     width = head.get_layer("class_conv").filters
     out = attach_class_head(model, len(CLASSES), width=width)
-    for name in ("class_conv", "class_mix", "class_logits"):
+    for name in CLASS_HEAD_LAYERS:
         out.get_layer(name).set_weights(head.get_layer(name).get_weights())
     return out
 

@@ -117,19 +117,13 @@ def _class_head_of(path: Path | None):
     return model if has_class_head(model) else None
 
 
-def _architecture(path: Path) -> str:
-    from ..detection.model import load_model
-
-    return load_model(path).name
-
-
-def _has_class_anchor(path: Path) -> bool:
+def _class_anchor(path: Path) -> tuple[bool, str]:
+    """(whether the network at `path` has a place for a class head, its architecture name)."""
     from ..detection.architectures import has_class_head
-
     from ..detection.model import load_model
 
     model = load_model(path)
-    return has_class_head(model) or model.name in CLASS_HEAD_ANCHORS
+    return has_class_head(model) or model.name in CLASS_HEAD_ANCHORS, model.name
 
 
 def train_classes(domains: Sequence[Domain], trunk_path: Path, out_path: Path, recipe: HeadRecipe, class_map: ClassMap,
@@ -194,12 +188,13 @@ def train_on_domains(domains: Sequence[Domain], out_path: str | Path, recipe: Re
                          "read_s": round(read_s, 1)}})
     if task in ("classes", "both"):
         trunk = out_path if task == "both" else start.init_model
-        if not _has_class_anchor(trunk):
+        has_anchor, architecture = _class_anchor(trunk)
+        if not has_anchor:
             if auto:
-                echo(f"no class head: the {_architecture(trunk)} network has no place for one (paper, vgg-lean do)")
+                echo(f"no class head: the {architecture} network has no place for one (paper, vgg-lean do)")
                 task = provenance["task"] = "detection"
             else:
-                raise ValueError(f"{trunk}: the {_architecture(trunk)} network has no place for a class head "
+                raise ValueError(f"{trunk}: the {architecture} network has no place for a class head "
                                  f"(networks with one: {', '.join(CLASS_HEAD_ANCHORS)})")
     if task in ("classes", "both"):
         provenance["class_head"] = train_classes(domains, trunk, out_path, head_recipe, class_map, work_dir, echo)

@@ -342,16 +342,12 @@ def carry_class_head(init_model: Path | None, model):
     detector (own-lab fine-tuning, adaptation) must not silently drop the nucleus types a run reports."""
     if init_model is None:
         return model
-    from ..detection.architectures import CLASS_HEAD_LAYERS, attach_class_head, has_class_head
+    from ..detection.architectures import has_class_head
     from ..detection.model import load_model
+    from .class_head import with_trained_head
 
     source = load_model(init_model)
-    if not has_class_head(source):
-        return model
-    out = attach_class_head(model, source.get_layer("class_logits").filters, width=source.get_layer("class_conv").filters)
-    for name in CLASS_HEAD_LAYERS[:-1]:
-        out.get_layer(name).set_weights(source.get_layer(name).get_weights())
-    return out
+    return with_trained_head(model, source) if has_class_head(source) else model
 
 
 def step_progress(label: str, stream=sys.stderr) -> tuple[ProgressFn, Callable[[], None]]:
