@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wsiproc.learn import datasets  # noqa: E402
 from wsiproc.config import RunConfig  # noqa: E402
 from wsiproc.detection.classes import ClassMap  # noqa: E402
+from wsiproc.detection.images import detections_of_images  # noqa: E402
 from wsiproc.evaluate.scoring import (  # noqa: E402
-    ClassScore, Score, detections_of_images, evaluate_class_sets, evaluate_sets, format_class_table, format_table,
+    ClassScore, Score, evaluate_class_sets, evaluate_sets, format_class_table, format_table,
     write_class_scores_csv, write_scores_csv,
 )
 

@@ -30,7 +30,8 @@ from wsiproc.detection import classes as class_module  # noqa: E402
 from wsiproc.detection.classes import CLASSES, ClassMap  # noqa: E402
 from wsiproc.detection.inference import Predictor  # noqa: E402
 from wsiproc.detection.model import DEFAULT_MODEL_PATH  # noqa: E402
-from wsiproc.evaluate.scoring import ClassScore, detections_of_images, evaluate_class_sets  # noqa: E402
+from wsiproc.detection.images import detections_of_images  # noqa: E402
+from wsiproc.evaluate.scoring import ClassScore, evaluate_class_sets  # noqa: E402
 from wsiproc.learn import datasets  # noqa: E402
 
 RADIUS_UM = 3.0

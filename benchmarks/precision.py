@@ -5,7 +5,7 @@
 
 For each held-out domain (splits fixed in wsiproc.learn.datasets): F1 (5 µm, one-to-one, micro-averaged, through
 `detect` as a run does) of OpenVINO float32, bfloat16 (where the CPU has it) and int8, and each one's loss
-against float32. auto may use a precision only if its loss is <= 0.005 on every domain (`engines.F1_TOLERANCE`).
+against float32. auto may use a precision only if its loss is <= 0.005 on every domain (`model_files.F1_TOLERANCE`).
 The int8 model is the one beside `--model`, else `--int8`, else quantized here with the default recipe (training
 splits only). `--record` writes the int8 result into the int8 model's sidecar, which is what lets
 `--precision auto` pick it (the same as `wsiproc quantize --validate`).
@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from wsiproc.learn import datasets
-from wsiproc.detection.engines import F1_TOLERANCE, cpu_info, int8_path_for, openvino_version
+from wsiproc.detection.engines import cpu_info, int8_path_for, openvino_version
+from wsiproc.detection.model_files import F1_TOLERANCE
 from wsiproc.detection.inference import Predictor
 from wsiproc.detection.model import DEFAULT_MODEL_PATH
 from wsiproc.learn.quantize import domain_crops, domain_f1, quantize_model, record_validation

@@ -31,7 +31,8 @@ import numpy as np
 
 from wsiproc.learn import datasets
 from wsiproc.config import RunConfig
-from wsiproc.detection.engines import F1_TOLERANCE, cpu_info, int8_path_for, openvino_version, tensorflow_gpus
+from wsiproc.detection.engines import cpu_info, int8_path_for, openvino_version, tensorflow_gpus
+from wsiproc.detection.model_files import F1_TOLERANCE
 from wsiproc.detection.inference import Predictor
 from wsiproc.detection.model import DEFAULT_MODEL_PATH
 from wsiproc.detection.loop import detect, plan_tiles

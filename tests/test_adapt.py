@@ -37,7 +37,7 @@ def test_adapt_mines_a_block_store_fine_tunes_and_records_provenance(tmp_path: P
 
     from wsiproc.io.files import file_sha256
     from wsiproc.detection.model import load_model
-    from wsiproc.learn.adapt import NUCLEUS, UNSURE
+    from wsiproc.learn.adapt.pseudo_labels import NUCLEUS, UNSURE
 
     out, work = tmp_path / "adapted.keras", tmp_path / "work"
     result = _adapt(cohort, out, work, "--recipe", "consistency")
@@ -91,7 +91,8 @@ def test_the_paper_recipe_teaches_every_low_threshold_nucleus_and_nothing_else(t
 
 def test_consistency_keeps_what_every_view_finds_and_leaves_the_rest_unsure() -> None:
     """Four synthetic views of a 64 × 64 map: a steady nucleus, one a view misses, a faint one and a trace."""
-    from wsiproc.learn.adapt import AdaptConfig, consistent_labels
+    from wsiproc.learn.adapt.config import AdaptConfig
+    from wsiproc.learn.adapt.pseudo_labels import consistent_labels
     from wsiproc.detection.postprocess import Postprocess
 
     yy, xx = np.mgrid[:64, :64]
@@ -109,7 +110,8 @@ def test_consistency_keeps_what_every_view_finds_and_leaves_the_rest_unsure() ->
 
 
 def test_unsure_pixels_weigh_nothing_in_the_fine_tuning_loss(tmp_path: Path) -> None:
-    from wsiproc.learn.adapt import NUCLEUS, UNSURE, BlockStore, MinedSlide, StoreSampler
+    from wsiproc.learn.adapt.pseudo_labels import NUCLEUS, UNSURE
+    from wsiproc.learn.adapt.store import BlockStore, MinedSlide, StoreSampler
     from wsiproc.learn.training import TrainConfig
 
     targets = np.zeros((4, 64, 64), np.uint8)
@@ -125,7 +127,7 @@ def test_unsure_pixels_weigh_nothing_in_the_fine_tuning_loss(tmp_path: Path) -> 
 
 
 def test_a_half_written_slide_in_the_store_is_dropped_on_resume(tmp_path: Path) -> None:
-    from wsiproc.learn.adapt import BlockStore, MinedSlide
+    from wsiproc.learn.adapt.store import BlockStore, MinedSlide
 
     store = BlockStore(tmp_path / "blocks.zarr", 64)
     mined = MinedSlide(np.zeros((5, 64, 64, 3), np.uint8), np.zeros((5, 64, 64), np.uint8), np.zeros((5, 2)), np.ones(5, bool), 7, 0.1)

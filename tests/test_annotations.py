@@ -13,7 +13,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from wsiproc.evaluate.annotations import (image_key, label_centroids, read_imagescope_regions, read_label_map,
+from wsiproc.io.annotations import (image_key, label_centroids, read_imagescope_regions, read_label_map,
                                           read_labelled_points, read_points)
 
 MONUSEG_IMAGE = "TCGA-18-5592-01Z-00-DX1"

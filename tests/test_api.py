@@ -58,6 +58,29 @@ def test_import_wsiproc_loads_nothing_heavy() -> None:
     assert not loaded & (HEAVY | {"numpy", "dask", "scipy"})
 
 
+def test_import_wsiproc_changes_no_import_machinery_the_cli_does() -> None:
+    """The quiet-TensorFlow import hook is the CLI's choice (its process and its dask workers), not the library's."""
+    probe = ("import sys\nbefore = list(sys.meta_path)\nimport wsiproc, wsiproc.config\nassert sys.meta_path == before, sys.meta_path\n"
+             "from wsiproc.cli import main\nassert sys.meta_path == before\n"
+             "try:\n    main(['info', '--help'])\nexcept SystemExit:\n    pass\n"
+             "assert [type(f).__name__ for f in sys.meta_path if f not in before] == ['_TensorFlowFinder'], sys.meta_path\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+
+
+def _has_quiet_hook() -> bool:
+    import sys
+
+    return any(type(f).__name__ == "_TensorFlowFinder" for f in sys.meta_path)
+
+
+def test_workers_of_the_cli_cluster_start_tensorflow_quietly_too() -> None:
+    from wsiproc.cohort.cluster import dask_client
+
+    with dask_client("local", n_workers=1) as client:
+        assert list(client.run(_has_quiet_hook).values()) == [True]
+
+
 def test_help_and_info_do_not_load_tensorflow() -> None:
     run_cli = ("import sys; from wsiproc.cli import main\n"
                "try:\n    main([{args}], standalone_mode=True)\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n")

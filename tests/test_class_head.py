@@ -28,7 +28,7 @@ def base_and_head(shipped_model: Path):
 
 def test_a_class_head_leaves_the_confidence_map_and_the_halo_exactly_as_they_were(base_and_head, shared_data: Path) -> None:
     from wsiproc.detection.architectures import geometry, multiply_adds_per_pixel
-    from wsiproc.detection.inference import keras_forward
+    from wsiproc.detection.forward import keras_forward
 
     base, with_head = base_and_head
     x = _real_tiles(shared_data)
@@ -44,7 +44,7 @@ def test_a_class_head_leaves_the_confidence_map_and_the_halo_exactly_as_they_wer
 
 
 def test_the_sub_pixel_forward_equals_the_graph_as_built(base_and_head, shared_data: Path) -> None:
-    from wsiproc.detection.inference import keras_forward
+    from wsiproc.detection.forward import keras_forward
 
     _, with_head = base_and_head
     x = _real_tiles(shared_data)
@@ -117,7 +117,7 @@ def test_the_head_learns_nucleus_types_from_cached_trunk_features(base_and_head,
     assert len(train) > 1000 and result.examples_per_class["epithelial"] > 0
     assert result.val_accuracy > majority + 0.1, (result.val_accuracy, majority)
     model = with_trained_head(base, head)  # the same weights answer on a whole image
-    from wsiproc.detection.inference import keras_forward
+    from wsiproc.detection.forward import keras_forward
 
     im = image("train_10")
     probs = np.asarray(keras_forward(model)(im.rgb[None, :496, :496]))[0, ..., 1:]

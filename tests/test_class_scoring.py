@@ -356,7 +356,7 @@ def test_evaluate_model_with_classes_scores_inside_the_annotated_region(tmp_path
     (as in test_class_outputs: no network with a class head is needed to check what is scored)."""
     import json
 
-    import wsiproc.evaluate.scoring as scoring
+    import wsiproc.detection.images as detection_images
 
     Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(tmp_path / "img.png")
     region = [[-0.5, -0.5], [39.5, -0.5], [39.5, 63.5], [-0.5, 63.5], [-0.5, -0.5]]
@@ -372,7 +372,7 @@ def test_evaluate_model_with_classes_scores_inside_the_annotated_region(tmp_path
     ]
     (tmp_path / "img.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     found = _with_classes([10, 30, 20, 56, 35], [11, 10, 50, 30, 35], [EPI, INF, INF, EPI, STR])
-    monkeypatch.setattr(scoring, "detections_of_images", lambda images, predictor, cfg: {"img": found})
+    monkeypatch.setattr(detection_images, "detections_of_images", lambda images, predictor, cfg: {"img": found})
 
     result = CliRunner().invoke(main, ["evaluate", "--model", str(tiny_model), "--images", str(tmp_path / "img.png"),
                                        "--truth", str(tmp_path / "img.geojson"), "--mpp", "0.5", "--radius-um", "1"])

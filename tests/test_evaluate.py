@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
-from wsiproc.evaluate.annotations import read_points
+from wsiproc.io.annotations import read_points
 from wsiproc.detection.detections import Detections
 from wsiproc.evaluate.scoring import Score, evaluate_sets, format_table, match_points, read_predictions, score_image, write_scores_csv
 from wsiproc.outputs.formats import write_csv

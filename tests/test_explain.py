@@ -175,4 +175,5 @@ def test_cli_explain_refuses_a_tflite_model_in_one_line(shared_data: Path, tmp_p
     image = shared_data / "crc-dev" / "images" / "img1.png"
     result = CliRunner().invoke(main, ["explain", str(image), "--mpp", "0.55", "--model", str(model), "--out", str(tmp_path / "out")])
     assert result.exit_code == 1
-    assert result.output.strip() == f"{model}: LRP needs the network's float weights and gradients; give the .keras model it was made from"
+    assert result.output.strip() == (f"{model}: TFLite models are no longer run; make an OpenVINO int8 model with `wsiproc quantize` "
+                                     "from the .keras it came from")  # engines.resolve's message, as for a run

@@ -13,10 +13,12 @@ from PIL import Image
 from wsiproc.cli import main
 from wsiproc.detection.classes import CLASSES
 from wsiproc.detection.model import DEFAULT_MODEL_PATH
-from wsiproc.evaluate.annotations import read_points, read_regions
+from wsiproc.io.annotations import read_points, read_regions
 from wsiproc.learn import datasets
 from wsiproc.learn.annotated import fixed_held_out, load_domains
-from wsiproc.learn.training import DomainSampler, TrainingImage, rasterise_regions
+from wsiproc.learn.sampling import DomainSampler
+from wsiproc.learn.targets import rasterise_regions
+from wsiproc.learn.training import TrainingImage
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

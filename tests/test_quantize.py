@@ -47,7 +47,7 @@ def held_out_crop(shared_data: Path) -> np.ndarray:
 
 
 def test_the_quantize_command_writes_an_int8_model_beside_the_source_with_its_provenance(converted) -> None:
-    from wsiproc.detection.engines import ir_sha256
+    from wsiproc.detection.model_files import ir_sha256
 
     source, xml, result = converted
     assert result.exit_code == 0, result.output
@@ -64,7 +64,7 @@ def test_the_quantize_command_writes_an_int8_model_beside_the_source_with_its_pr
 
 
 def test_the_int8_predictor_reports_its_own_file_and_keeps_the_contract(converted) -> None:
-    from wsiproc.detection.engines import ir_sha256
+    from wsiproc.detection.model_files import ir_sha256
     from wsiproc.detection.inference import Predictor
 
     _, xml, _ = converted
@@ -133,3 +133,36 @@ def test_a_stale_or_replaced_int8_model_is_refused_naming_it(converted, tmp_path
 def test_quantize_usage_errors_are_one_line(tiny_model: Path, args: list[str], message: str) -> None:
     result = CliRunner().invoke(main, ["quantize", str(tiny_model), *args])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_a_labs_int8_model_validated_on_the_labs_own_images_is_what_auto_picks(converted, tmp_path: Path,
+                                                                               shared_data: Path) -> None:
+    """`--validate lab.yaml` scores float32 and int8 on the lab's held-out images (not the four built-in domains)
+    and records the lab's domain and the tolerance judged with; auto then picks the int8 model on those terms."""
+    from wsiproc.detection.engines import cpu_info, resolve
+    from wsiproc.detection.model_files import read_record
+    from wsiproc.learn import datasets
+
+    source, _, _ = converted
+    model = Path(shutil.copy(source, tmp_path / "lab.keras"))
+    (tmp_path / "images").mkdir()
+    rows = ["image,x,y"]
+    for im in datasets.domain("crc", shared_data, "train")[:2]:
+        shutil.copy(im.path, tmp_path / "images" / im.path.name)
+        rows += [f"{im.name},{x:.2f},{y:.2f}" for x, y in im.points_xy]
+    (tmp_path / "points.csv").write_text("\n".join(rows) + "\n")
+    held = datasets.domain("crc", shared_data, "train")[1].name
+    (tmp_path / "lab.yaml").write_text(f"domains:\n  - name: mylab\n    images: images/\n    points: points.csv\n"
+                                       f"    mpp: 0.55\n    held_out: [{held}]\n")
+    images = shared_data / "monuseg-train" / "images"
+    result = CliRunner().invoke(main, ["quantize", str(model), "--calibration", str(images / CALIBRATION_GLOB), "--mpp", "0.25",
+                                       "--crops", "8", "--crop-px", "64", "--validate", str(tmp_path / "lab.yaml"),
+                                       "--tolerance", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "mylab: F1 float32 " in result.output and "validation: passed (F1 loss <= 0.5" in result.output
+    validation = read_record(tmp_path / "lab.int8.xml")["validation"]
+    assert list(validation["domains"]) == ["mylab"] and validation["domains"]["mylab"]["images"] == 1
+    assert validation["tolerance"] == 0.5 and validation["passed"] is True
+    if cpu_info().int8:
+        choice = resolve(model)
+        assert choice.precision == "int8" and "every validated domain (mylab" in choice.reason, choice.reason

@@ -11,13 +11,33 @@ from click.testing import CliRunner
 from wsiproc.learn import datasets
 from wsiproc.cli import main
 from wsiproc.learn.trainer import train
-from wsiproc.learn.training import BlockSampler, TrainConfig, TrainingImage, augment_block, draw_targets
+from wsiproc.learn.augment import augment_block
+from wsiproc.learn.sampling import BlockSampler
+from wsiproc.learn.targets import disk_targets
+from wsiproc.learn.training import TrainConfig, TrainingImage
 
 
 def test_each_point_becomes_a_disk_of_radius_4_px() -> None:
-    mask = draw_targets((40, 40), np.array([[10.2, 12.0], [30.0, 30.0]]), radius_px=4)
+    mask = disk_targets((40, 40), np.array([[10.2, 12.0], [30.0, 30.0]]), 4, round_centres=True, drop_outside=True)
     assert mask.sum() == 2 * 49  # 49 pixel centres lie within 4 px of a pixel centre
     assert mask[12, 10] and mask[12, 14] and not mask[12, 15]
+
+
+def test_the_one_disk_renderer_rounds_centres_for_blocks_and_follows_sub_pixel_ones_for_crops() -> None:
+    """Pixel counts of the two renderers it replaced (the blocks' integer-centred dilation, the crops' sub-pixel
+    disks), which it reproduced exactly on 3 000 random point sets."""
+
+    def drawn(xy: tuple[float, float], radius_px: float, rounded: bool) -> np.ndarray:
+        return disk_targets((20, 20), np.array([xy]), radius_px, round_centres=rounded, drop_outside=rounded)
+
+    assert drawn((10, 10), 4, True).sum() == 49 and drawn((10, 10), 5, True).sum() == 81
+    assert drawn((10.5, 10.5), 4.0, False).sum() == 52 and drawn((10.3, 10.0), 2.5, False).sum() == 19
+    assert drawn((-0.6, 10), 4, True).sum() == 0  # rounded to column -1, outside: dropped
+    assert drawn((-0.4, 10), 4, True).sum() == 29  # rounded to column 0: the half disk inside
+    assert drawn((-0.6, 10), 4.0, False).sum() == 24 and drawn((-2.0, 10), 4.0, False).sum() == 13  # beyond the edge, still drawn
+    assert list(drawn((10.5, 10), 4, True)[10].nonzero()[0]) == list(range(6, 15))  # half to even: 10.5 → 10
+    assert list(drawn((11.5, 10), 4, True)[10].nonzero()[0]) == list(range(8, 17))  # 11.5 → 12
+    assert drawn((10, 10), 4, True).dtype == bool
 
 
 def test_augmentation_thirds_keep_shift_hue_and_add_noise() -> None:
@@ -101,7 +121,7 @@ def test_the_shipped_model_on_a_fixed_sample_of_every_domains_held_out_images(sh
 
 
 def test_evaluate_command_scores_result_csvs_against_annotations(tmp_path: Path, shared_data: Path) -> None:
-    from wsiproc.evaluate.annotations import read_points
+    from wsiproc.io.annotations import read_points
 
     truth = read_points(shared_data / "crc-dev" / "points.csv", image="img1")["img1"]
     kept = truth[: int(len(truth) * 0.9)] + 1.0  # 90 % found, each 1 px off
@@ -120,7 +140,7 @@ def test_four_domain_training_of_a_lean_network_lowers_the_loss(tmp_path: Path, 
     import keras
 
     from wsiproc.detection.architectures import build
-    from wsiproc.learn.training import DomainSampler
+    from wsiproc.learn.sampling import DomainSampler
 
     domains = {name: [TrainingImage.from_level0(a.name, a.read_rgb(), a.points_xy, a.mpp)
                       for a in datasets.domain(name, shared_data, "train")[:2]] for name in datasets.DOMAINS}

@@ -11,17 +11,14 @@ The public API, the way tiffslide and openslide-python offer theirs::
     nuclei = wsiproc.detect("case.svs", wsiproc.RunConfig(threshold=0.6))
     outcomes = wsiproc.run_batch(["a.svs", "b.svs"], "results/")  # what `wsiproc run` does
 
-Everything is imported on first use: `import wsiproc` loads no numerical library and never TensorFlow.
+Everything is imported on first use: `import wsiproc` loads no numerical library and never TensorFlow, and changes
+nothing global (keeping TensorFlow's start-up lines off the terminal is the CLI's choice: `wsiproc._tensorflow`).
 """
 from __future__ import annotations
 
 import importlib
 
-from . import _tensorflow
-
-__version__ = "0.1.0"
-
-_tensorflow.install()  # TensorFlow, whenever something loads it, starts without printing to the terminal
+from ._version import __version__
 
 #: Public name → the module that defines it (imported when the name is first used).
 _PUBLIC = {

@@ -8,6 +8,9 @@ start-up for the whole package: whichever import loads it first (`import tensorf
 pointed at a temporary file, sets `TF_CPP_MIN_LOG_LEVEL=2` and absl's Python logging to errors, and shows
 what was held back only if the import fails. `WSIPROC_VERBOSE=1` (`wsiproc --verbose`) lets everything through.
 
+A hook in `sys.meta_path` is a global choice, so the library leaves it to the program: the CLI installs it
+(`wsiproc.cli.main`, and on the dask workers of its runs, `wsiproc.cohort.cluster`); `import wsiproc` does not.
+
 Numerics are untouched: oneDNN stays as TensorFlow chooses (`TF_ENABLE_ONEDNN_OPTS` is not set).
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ import importlib.util
 import os
 import sys
 from typing import Iterator
+import tempfile
 
 VERBOSE_ENV = "WSIPROC_VERBOSE"
 
@@ -29,8 +33,6 @@ def verbose() -> bool:
 @contextlib.contextmanager
 def stderr_held_back() -> Iterator[None]:
     """File descriptor 2 goes to a temporary file inside the block; its content is replayed only on an error."""
-    import tempfile
-
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as sink:
@@ -60,7 +62,7 @@ class _QuietLoader(importlib.abc.Loader):
         with stderr_held_back():
             self.loader.exec_module(module)
         with contextlib.suppress(ImportError):
-            from absl import logging as absl_logging
+            from absl import logging as absl_logging  # lazy: present only with TensorFlow
 
             absl_logging.set_verbosity(absl_logging.ERROR)
 

@@ -10,6 +10,8 @@ from .detection.detections import Detections
 from .detection.inference import Predictor
 from .detection.model import resolve_model_path
 from .io.slide import Slide, open_slide
+from .detection.loop import detect as detect_slide
+from .cohort import batch, claims
 
 
 def _predictor(cfg: RunConfig, model: Predictor | str | os.PathLike[str] | None) -> Predictor:
@@ -28,8 +30,6 @@ def detect(slide: Slide | str | os.PathLike[str], config: RunConfig | None = Non
     across slides, a shipped model's name (`default`, `lean`, `unet`) or a model file (default: `config.model_path`, else the shipped model); `client`: a
     dask.distributed client to spread the tiles over (the result is the same).
     """
-    from .detection.loop import detect as detect_slide
-
     cfg = (config or RunConfig()).validate()
     predictor = _predictor(cfg, model)
     if isinstance(slide, Slide):
@@ -49,8 +49,6 @@ def run_batch(inputs: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLi
     Finished inputs are skipped (`resume`), several processes may share `out_dir`, and each input succeeds or
     fails on its own; returns one `Outcome` per input (status done, skipped or failed, with the reason).
     """
-    from .cohort import batch, claims
-
     cfg = (config or RunConfig()).validate()
     return batch.run_batch([Path(p) for p in inputs], Path(out_dir), cfg, _predictor(cfg, model), resume=resume, echo=echo,
                            client=client, claim_timeout_s=claims.DEFAULT_TIMEOUT_S if claim_timeout_s is None else claim_timeout_s)

@@ -10,7 +10,8 @@ import os
 
 import click
 
-from .. import __version__
+from .. import _tensorflow
+from .._version import __version__
 from .adapt import adapt
 from .common import Group
 from .engines import engines
@@ -29,6 +30,7 @@ __all__ = ["main", "SAMPLE_SLIDE"]
 @click.option("--verbose", "-v", is_flag=True, help="Also show the engines' own log lines (TensorFlow, oneDNN, absl).")
 def main(verbose: bool) -> None:
     """Find every cell nucleus in H&E whole-slide images."""
+    _tensorflow.install()  # TensorFlow, whenever a command loads it, starts without printing to the terminal
     if verbose:
         os.environ["WSIPROC_VERBOSE"] = "1"  # read where TensorFlow is imported (worker processes inherit it)
 

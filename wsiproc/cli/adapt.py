@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from ..config import RunConfig
+from ..detection.model_files import ModelFiles
 from ..errors import WsiprocError
 from .common import merged_options, usage_errors
 
@@ -73,5 +74,5 @@ def adapt(ctx: click.Context, inputs: tuple[Path, ...], out_path: Path, model_pa
         raise WsiprocError(f"error: {exc}") from exc
     how = (f"fine-tuned on {provenance['blocks']} blocks" if provenance["training"] else "calibrated") + \
         f" from {len(provenance['cohort'])} slides"
-    click.echo(f"saved {out_path} ({how}); provenance in {out_path.with_suffix('.json')}")
+    click.echo(f"saved {out_path} ({how}); provenance in {ModelFiles.of(out_path).provenance}")
 

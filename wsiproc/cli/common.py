@@ -9,6 +9,8 @@ from typing import Iterator
 import click
 
 from ..errors import UsageError, WsiprocError
+from click.core import ParameterSource
+from ..config import load_config_file
 
 #: Exit status per error type, first match wins: everything the package raises for a user to act on is a
 #: WsiprocError, and only these lines decide how the command ends.
@@ -51,10 +53,6 @@ def merged_options(ctx: click.Context, config_file: Path | None, schema: type, o
 
     `options` maps each field to (click parameter name, value); an option left at its default fills a field only
     where the file does not set it."""
-    from click.core import ParameterSource
-
-    from ..config import load_config_file
-
     values = load_config_file(config_file, schema) if config_file else {}
     for field_name, (param, value) in options.items():
         if field_name not in values or ctx.get_parameter_source(param) == ParameterSource.COMMANDLINE:

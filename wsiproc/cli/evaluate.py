@@ -53,7 +53,7 @@ def evaluate(pred_spec: str | None, model_spec: str | None, images_spec: str | N
     With classes on both sides, a class table (F_d, F_c, F1 per class) follows.
     """
     from ..detection.classes import ClassMap
-    from ..evaluate.annotations import image_key, read_label_map
+    from ..io.annotations import image_key, read_label_map
     from ..evaluate.scoring import evaluate_sets, format_table, read_labelled_predictions, write_scores_csv
     from ..io.files import expand
     from ..learn.annotated import Annotations
@@ -144,7 +144,7 @@ def _run_model(model_spec: str, images_spec: str, truth_spec: str, mpp: float) -
     from ..config import RunConfig
     from ..detection.inference import Predictor
     from ..detection.model import resolve_model_path
-    from ..evaluate.scoring import detections_of_images
+    from ..detection.images import detections_of_images
     from ..io.files import expand
     from ..io.slide import PLAIN_IMAGE_SUFFIXES
     from ..learn.annotated import Annotations, lab_images

@@ -2,19 +2,62 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import sys
 import time
+import types
+import typing
+from dataclasses import Field, fields
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import click
 
 from ..config import RunConfig
+from ..detection.params import CHOICES, HELP, OPTION
 from ..errors import UsageError
 from .common import merged_options, usage_errors
 
 SAMPLE_SLIDE = Path(__file__).parents[1] / "sample" / "CMU-1-Small-Region.svs"
+
+_FIELDS: dict[str, Field] = {f.name: f for f in fields(RunConfig)}
+_TYPES: dict[str, object] = typing.get_type_hints(RunConfig)
+
+
+def _option_param(f: Field) -> tuple[str, bool]:
+    """The click parameter of a run parameter's option, and whether the option is its negation (`--no-<name>`)."""
+    negated = f.default is True
+    return ("no_" if negated else "") + f.name, negated
+
+
+def parameter_option(name: str) -> Callable:
+    """The `wsiproc run` option of the run parameter `name`, made from its field (`wsiproc.detection.params`):
+    `--<name>`, or a switch for a bool (`--no-<name>` for one on by default), the field's type or choices, its
+    default (shown where there is one) and help."""
+    f = _FIELDS[name]
+    if not f.metadata[OPTION]:
+        raise TypeError(f"{name}: not marked as a `wsiproc run` option (wsiproc.detection.params.OPTION)")
+    param, negated = _option_param(f)
+    flag = "--" + param.replace("_", "-")
+    kind = _TYPES[name]
+    if isinstance(kind, types.UnionType):  # `int | None`: the option's type is the value's
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    if kind is bool:
+        return click.option(flag, is_flag=True, help=f.metadata[HELP])
+    choices = f.metadata[CHOICES]
+    return click.option(flag, type=click.Choice(list(choices)) if choices else kind, default=f.default,
+                        show_default=f.default is not None, help=f.metadata[HELP])
+
+
+def parameter_values(values: dict[str, object]) -> dict[str, tuple[str, object]]:
+    """The run parameters given by `parameter_option`s, as `merged_options` takes them: field → (click parameter, value)."""
+    out = {}
+    for f in _FIELDS.values():
+        if f.metadata[OPTION]:
+            param, negated = _option_param(f)
+            out[f.name] = (param, not values[param] if negated else values[param])
+    return out
 
 
 @click.command()
@@ -23,29 +66,22 @@ SAMPLE_SLIDE = Path(__file__).parents[1] / "sample" / "CMU-1-Small-Region.svs"
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--model", "model_path", type=str, help="A shipped model by name (default, paper, lean, unet: see the model card), "
               "a .keras file, or an OpenVINO .xml from `wsiproc quantize` (default: the shipped default).")
-@click.option("--mpp", type=float, help="Pixel size in µm/px, overriding the file's (needed for plain images).")
-@click.option("--tile-px", type=int, default=RunConfig.tile_px, show_default=True, help="Tile core side at 0.5 µm/px.")
-@click.option("--halo-px", type=int, default=RunConfig.halo_px, help="Context around each tile at 0.5 µm/px (default: what the model and post-processing need).")
-@click.option("--batch-size", type=int, default=RunConfig.batch_size, show_default=True, help="Tiles per model call (halved automatically on GPU out-of-memory).")
-@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "int8", "mixed_float16"]), default=RunConfig.precision,
-              show_default=True, help="auto: on a CPU, a validated int8 model beside the .keras, else bfloat16 where the CPU has it, "
-                                      "else float32; on a GPU, mixed float16. `wsiproc engines` shows what this machine uses.")
-@click.option("--engine", type=click.Choice(["auto", "openvino", "tensorflow"]), default=RunConfig.engine, show_default=True,
-              help="auto: OpenVINO on a CPU, TensorFlow on a GPU.")
-@click.option("--threshold", type=float, default=RunConfig.threshold, show_default=True, help="Confidence threshold.")
-@click.option("--postprocess", type=click.Choice(["peaks", "components"]), default=RunConfig.postprocess, show_default=True,
-              help="peaks: local maxima of the smoothed confidence (separates touching nuclei); components: the paper's "
-                   "threshold + connected components.")
-@click.option("--min-distance-um", type=float, default=RunConfig.min_distance_um, show_default=True,
-              help="peaks: nuclei closer than this are one.")
-@click.option("--no-tissue-mask", is_flag=True, help="Send every tile to the model, background included.")
-@click.option("--no-classes", is_flag=True, help="Leave out the nucleus types (epithelial, inflammatory, stromal) of a "
-              "model with a class head: the outputs of a detector alone.")
-@click.option("--density-cell-um", type=float, default=RunConfig.density_cell_um, show_default=True)
-@click.option("--geojson-gz", is_flag=True, help="Write <stem>.geojson.gz instead of <stem>.geojson.")
+@parameter_option("mpp")
+@parameter_option("tile_px")
+@parameter_option("halo_px")
+@parameter_option("batch_size")
+@parameter_option("precision")
+@parameter_option("engine")
+@parameter_option("threshold")
+@parameter_option("postprocess")
+@parameter_option("min_distance_um")
+@parameter_option("tissue_mask")
+@parameter_option("classes")
+@parameter_option("density_cell_um")
+@parameter_option("geojson_gz")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="YAML file of run parameters (see configs/); options given on the command line win.")
-@click.option("--strict", is_flag=True, help="A tile that cannot be decoded fails its slide (default: skipped, reported).")
+@parameter_option("strict")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Skip inputs whose outputs are complete for the same input, model and parameters.")
 @click.option("--scheduler", help="dask.distributed: 'local' (a LocalCluster on 127.0.0.1) or an existing scheduler's address.")
@@ -55,10 +91,9 @@ SAMPLE_SLIDE = Path(__file__).parents[1] / "sample" / "CMU-1-Small-Region.svs"
                    "a bare number is hours). It must exceed the longest slide's time.")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the final summary.")
 @click.pass_context
-def run(ctx: click.Context, inputs: tuple[Path, ...], sample: bool, out_dir: Path, model_path: Path | None, mpp: float | None, tile_px: int, halo_px: int,
-        batch_size: int, precision: str, engine: str, threshold: float, postprocess: str, min_distance_um: float, no_tissue_mask: bool, no_classes: bool, density_cell_um: float,
-        geojson_gz: bool, config_file: Path | None, strict: bool, resume: bool, scheduler: str | None, workers: int, claim_timeout: str,
-        quiet: bool) -> None:
+def run(ctx: click.Context, inputs: tuple[Path, ...], sample: bool, out_dir: Path, model_path: Path | None,
+        config_file: Path | None, resume: bool, scheduler: str | None, workers: int, claim_timeout: str, quiet: bool,
+        **parameters: object) -> None:
     """Detect nuclei in every INPUT and write <stem>.csv, .geojson, _density.tiff/.png and .json to --out
     (with a model that has a class head, also each nucleus' type and _density_<class>.tiff; see --no-classes).
 
@@ -73,15 +108,7 @@ def run(ctx: click.Context, inputs: tuple[Path, ...], sample: bool, out_dir: Pat
 
     with usage_errors(ValueError):
         model_file = str(resolve_model_path(model_path)) if model_path else None
-    options = {
-        "model_path": ("model_path", model_file), "mpp": ("mpp", mpp),
-        "tile_px": ("tile_px", tile_px), "halo_px": ("halo_px", halo_px), "batch_size": ("batch_size", batch_size),
-        "threshold": ("threshold", threshold), "tissue_mask": ("no_tissue_mask", not no_tissue_mask),
-        "classes": ("no_classes", not no_classes),
-        "postprocess": ("postprocess", postprocess), "min_distance_um": ("min_distance_um", min_distance_um),
-        "density_cell_um": ("density_cell_um", density_cell_um), "geojson_gz": ("geojson_gz", geojson_gz),
-        "strict": ("strict", strict), "precision": ("precision", precision), "engine": ("engine", engine),
-    }
+    options = {"model_path": ("model_path", model_file), **parameter_values(parameters)}
     with usage_errors(ValueError, TypeError):
         cfg = RunConfig(**merged_options(ctx, config_file, RunConfig, options)).validate()
     try:
@@ -125,8 +152,6 @@ def check_output_names(inputs: tuple[Path, ...]) -> None:
 
 def duration_s(text: str) -> float:
     """"24h", "90m", "30s", "2d" or a bare number of hours, in seconds."""
-    import re
-
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smhd]?)\s*", text.lower())
     if not match:
         raise ValueError(f"expected a duration such as 24h, 90m or 30s (got {text!r})")
@@ -176,7 +201,7 @@ class Bars:
 
 
 def _progress(path: Path, bars: list):
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy: only a run's progress bars use it; `wsiproc --help` and the other commands do not
 
     interactive = sys.stderr.isatty()
     state = {"last": 0.0}

@@ -27,13 +27,13 @@ from ..config import RunConfig
 from ..errors import OutputFolderError, folder_problem, problem
 from ..outputs.formats import RESULT_SUFFIXES
 from ..detection.inference import Predictor
+from ..detection.params import output_fields
 from ..detection.loop import ProgressFn
 from .one_slide import run_slide
 
-#: Parameters that change what a run writes; the others (workers, batch size, strictness) do not.
-OUTPUT_PARAMETERS = ("model_mpp", "mpp", "tile_px", "halo_px", "threshold", "postprocess", "min_distance_um",
-                     "smooth_sigma_um", "merge_radius_um", "tissue_mask", "density_cell_um", "geojson_gz", "precision", "engine",
-                     "classes")
+#: Parameters that change what a run writes, as their fields mark them (`wsiproc.detection.params.OUTPUT`); the
+#: others (model path: its sha256 is compared instead; workers, batch size, strictness) do not.
+OUTPUT_PARAMETERS = output_fields(RunConfig)
 #: Output parameters added after records were first written, and what a record without one ran as: a run from
 #: before nucleus types wrote no classes, as a run with classes on does with a model that has no class head
 #: (for a model with one, `is_complete` sees that the record has no classes).

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from .. import __version__
+from .._version import __version__
 
 #: A claim on another host counts as abandoned after this long (the longest slide must take less).
 DEFAULT_TIMEOUT_S = 24 * 3600.0

@@ -14,20 +14,19 @@ from ..detection.loop import ProgressFn, detect
 from ..io.slide import open_slide
 from ..outputs.qc import QcSlide
 from ..outputs.record import RunRecord
+from ..outputs.formats import write_outputs
 
 
 def run_slide(path: str | Path, out_dir: str | Path, cfg: RunConfig, predictor: Predictor, stem: str | None = None,
               progress: ProgressFn | None = None, extra_input: dict | None = None, client=None) -> dict:
     """Process one input and write its outputs; returns the run record (also written as `<stem>.json`)."""
-    from ..outputs.formats import write_outputs
-
     t0 = time.perf_counter()
     path = Path(path)
     slide = open_slide(path, cfg.mpp)
     try:
         level0_mpp = slide.require_mpp()
         result = detect(slide, cfg, predictor, progress, client=client)
-        record = RunRecord.of(slide, predictor, cfg, result, extra_input)
+        record = RunRecord.of(slide, predictor, cfg.to_dict(), result, extra_input)
         w0, h0 = slide.dimensions
         # Everything but writing the files themselves: the record is written last and cannot time itself.
         record.timings_s["total_before_write_s"] = round(time.perf_counter() - t0, 3)

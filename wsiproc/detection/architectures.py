@@ -39,8 +39,8 @@ def _vgg_stem(x, layers):
 
 
 def build_paper(dropout: float = 0.5):
-    import keras
-    from keras import layers
+    import keras  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
+    from keras import layers  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     inputs = keras.Input(shape=(None, None, 3), name="rgb")
     _, _, x = _vgg_stem(inputs, layers)
@@ -58,8 +58,8 @@ def build_paper(dropout: float = 0.5):
 
 def build_vgg_lean(dropout: float = 0.1, head_channels: int = 256):
     """VGG stem + separable head at 1/4, decoded with skips from block 2 (1/2) and block 1 (full resolution)."""
-    import keras
-    from keras import layers
+    import keras  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
+    from keras import layers  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     inputs = keras.Input(shape=(None, None, 3), name="rgb")
     b1, b2, x = _vgg_stem(inputs, layers)
@@ -78,8 +78,8 @@ def build_vgg_lean(dropout: float = 0.1, head_channels: int = 256):
 
 def build_unet(width: int = 16, levels: int = 4, dropout: float = 0.0):
     """A plain U-Net: two 3 × 3 ReLU convolutions per level, 2× max-pooling down, 2 × 2 transposed conv up."""
-    import keras
-    from keras import layers
+    import keras  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
+    from keras import layers  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     inputs = keras.Input(shape=(None, None, 3), name="rgb")
     x, skips = inputs, []
@@ -136,8 +136,8 @@ def attach_class_head(model, n_classes: int, at: str | None = None, width: int =
     (`geometry`: `class_receptive_radius_px`), so tiles do not grow. The confidence path is untouched (same
     layers, same weights): detection is exactly what it was.
     """
-    import keras
-    from keras import layers
+    import keras  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
+    from keras import layers  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     if has_class_head(model):
         model = without_class_head(model)
@@ -161,7 +161,7 @@ def has_class_head(model) -> bool:
 
 def without_class_head(model):
     """The detector alone (the same layer objects: training it trains the class model's trunk too)."""
-    import keras
+    import keras  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     if not has_class_head(model):
         return model
@@ -228,7 +228,7 @@ def _receptive_walk(model) -> dict[int, tuple[float, float]]:
     or transposed convolution of stride s divides it (a transposed k × k kernel first adds (k/s − 1)·jump
     at the coarse step); a merge takes the widest input.
     """
-    from keras import layers
+    from keras import layers  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     state: dict[int, tuple[float, float]] = {}
     by_layer: dict[int, tuple[float, float]] = {}
@@ -280,7 +280,7 @@ def multiply_adds_per_pixel(model) -> float:
 
     A layer whose output has a jump of j input pixels per step computes its per-output-pixel cost on 1/j² of
     the input's pixels."""
-    from keras import layers
+    from keras import layers  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     walk = _receptive_walk(model)
     total = 0.0

@@ -22,8 +22,11 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
+from .model_files import ModelFiles
+from .tiles import every_tile, iter_tile_batches, sample_tiles
 from .tiling import TileGrid
 from .tissue import tissue_mask
+from ..io.files import atomic_write_text
 
 if TYPE_CHECKING:
     from .tiling import SlideSampler
@@ -88,13 +91,6 @@ def wasserstein2(stats: ColourStats, mean_rgb, cov_rgb) -> float:
     return float(np.sqrt(np.sum((stats.mean - np.asarray(mean_rgb)) ** 2) + max(trace, 0.0)))
 
 
-def sample_tiles(n_tiles: int, k: int, seed: int) -> list[int]:
-    """Indices of up to `k` tiles of a slide, drawn without replacement (all when it has no more)."""
-    if n_tiles <= k:
-        return list(range(n_tiles))
-    return sorted(np.random.default_rng(seed).choice(n_tiles, k, replace=False).tolist())
-
-
 @dataclass(frozen=True)
 class SlideColour:
     """One slide's colour transform: `a @ rgb + c` on RGB in [0, 1], towards training domain `domain`."""
@@ -125,14 +121,10 @@ class DomainColours:
     seed: int = 0
     source: str = ""
 
-    SUFFIX = ".colours.json"
-
     @staticmethod
     def beside(model_path: str | Path) -> Path:
-        """`<model>.colours.json` beside a `.keras` (also for its `<model>.int8.xml`)."""
-        p = Path(model_path)
-        stem = p.stem[: -len(".int8")] if p.suffix.lower() == ".xml" and p.stem.endswith(".int8") else p.stem
-        return p.with_name(stem + DomainColours.SUFFIX)
+        """`<model>.colours.json` beside a `.keras` (also for its `<model>.int8.xml`): `ModelFiles.colours`."""
+        return ModelFiles.of(model_path).colours
 
     @classmethod
     def load(cls, path: str | Path) -> "DomainColours":
@@ -149,8 +141,6 @@ class DomainColours:
             raise ValueError(f"{path}: not a colour-alignment file (training domains' colour moments): {exc}") from exc
 
     def save(self, path: str | Path) -> Path:
-        from ..io.files import atomic_write_text
-
         return atomic_write_text(Path(path), json.dumps(asdict(self), indent=1))
 
     def for_stats(self, stats: ColourStats) -> SlideColour | None:
@@ -186,13 +176,9 @@ def slide_colour(sampler: SlideSampler, colours: DomainColours, mask: TissueMask
             mask = None
     h, w = sampler.shape_hw()
     windows = TileGrid(h, w, COLOUR_WINDOW_PX, 0, 1)
-    candidates = (mask.tiles_touching(windows, sampler.mpp) if mask is not None
-                  else [(r, c) for r in range(windows.rows) for c in range(windows.cols)])
-    images = []
-    for i in sample_tiles(len(candidates), colours.windows_per_slide, colours.seed):
-        y0, x0, y1, x1 = windows.core(*candidates[i])
-        try:
-            images.append(sampler.read(y0, x0, y1 - y0, x1 - x0))
-        except Exception:  # an undecodable region: measured without it (its tiles are reported by the run)
-            continue
-    return colours.for_tiles(images)
+    candidates = mask.tiles_touching(windows, sampler.mpp) if mask is not None else every_tile(windows)
+    chosen = [candidates[i] for i in sample_tiles(len(candidates), colours.windows_per_slide, colours.seed)]
+    # Each window as it lies in the image (no halo, clipped at its edges); an undecodable one is measured
+    # without, strict or not (its tiles are reported by the run).
+    reads = iter_tile_batches(sampler, windows, chosen, max(1, len(chosen)), strict=False, prefetch=0, with_halo=False)
+    return colours.for_tiles([img for batch in reads for img in batch.images])

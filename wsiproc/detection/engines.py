@@ -8,8 +8,8 @@ and `wsiproc engines` (what a user's machine will use) can never disagree:
 - engine ``auto``: OpenVINO, unless TensorFlow sees a GPU or the precision asked for is TensorFlow's own
   (``mixed_float16``); then TensorFlow.
 - precision ``auto`` on OpenVINO: ``int8`` when an int8 model of exactly this ``.keras`` file lies beside it
-  (``<stem>.int8.xml``, made by `wsiproc quantize`) and its sidecar records an F1 loss <= `F1_TOLERANCE` on
-  every held-out domain; otherwise ``bfloat16`` where OpenVINO reports BF16 for the CPU; otherwise ``float32``.
+  (``<stem>.int8.xml``, made by `wsiproc quantize`) and its record shows an F1 loss within the record's own
+  tolerance on every domain it was validated on (`model_files.int8_accepted`); otherwise ``bfloat16`` where OpenVINO reports BF16 for the CPU; otherwise ``float32``.
 
 The `.keras` model is converted once (`convert_keras`: the sub-pixel head rewrite applied, uint8 input with
 the /255 folded in, dynamic batch and size) and kept as OpenVINO IR in the cache, keyed by the model file's
@@ -37,20 +37,23 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..errors import ModelError
+from ..errors import ModelError, problem
+from ..io.files import atomic_path
+from .architectures import geometry as network_geometry, has_class_head
+from .classes import CLASSES
+from .forward import keras_forward
+from .model import load_model
+from .model_files import ModelFiles, check_ir, int8_accepted, ir_sha256, read_record, stored_precision
 
 ENGINES = ("auto", "openvino", "tensorflow")
 PRECISIONS = ("auto", "float32", "bfloat16", "int8", "mixed_float16")
 #: Precisions each engine can run (TensorFlow's bfloat16/int8 CPU kernels are no faster than its float32).
 ENGINE_PRECISIONS = {"openvino": ("float32", "bfloat16", "int8"), "tensorflow": ("float32", "mixed_float16")}
-#: Largest F1 loss against float32, on any held-out domain, at which auto still picks int8.
-F1_TOLERANCE = 0.005
 #: Bumped whenever `convert_keras` changes what it produces: part of the cache key, so old IR is not reused.
 CONVERTER_REVISION = 3
 #: /proc/cpuinfo flags that decide which OpenVINO kernels run (recorded in every run record).
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
 OV_HINTS = {"float32": "f32", "bfloat16": "bf16"}
-INT8_SUFFIX = ".int8.xml"
 
 
 # ---------------------------------------------------------------------------------------------------- machine
@@ -76,7 +79,7 @@ class CpuInfo:
 def openvino_version() -> str | None:
     """OpenVINO's version, or None where it cannot be imported (a platform without wheels)."""
     try:
-        import openvino
+        import openvino  # lazy: the engine's runtime, loaded when a model is; `wsiproc info` and the outputs never need it
     except ImportError:
         return None
     return openvino.get_version()
@@ -99,7 +102,7 @@ def cpu_info() -> CpuInfo:
     """The CPU as OpenVINO sees it (asked once per process)."""
     name, caps = "unknown CPU", ()
     if openvino_version() is not None:
-        import openvino as ov
+        import openvino as ov  # lazy: the engine's runtime, loaded when a model is; `wsiproc info` and the outputs never need it
 
         core = ov.Core()
         name = str(core.get_property("CPU", "FULL_DEVICE_NAME"))
@@ -117,7 +120,7 @@ def tensorflow_gpus() -> int:
     never needs it, and importing it is most of a start-up's seconds."""
     if "tensorflow" not in sys.modules and not any(os.path.exists(f) for f in GPU_DEVICE_FILES):
         return 0
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: seconds to import; only the TensorFlow engine, conversion and training need it
 
     return len(tf.config.list_physical_devices("GPU"))
 
@@ -136,7 +139,7 @@ def default_threads() -> int:
             raise ValueError(f"WSIPROC_THREADS must be a whole number (got {env!r})") from None
     if "distributed" in sys.modules:  # only a dask worker process has imported it before the model is loaded
         try:
-            from distributed import get_worker
+            from distributed import get_worker  # lazy: dask's cluster, loaded only when a run asks for workers
 
             return max(1, int(get_worker().state.nthreads))
         except (ValueError, AttributeError):
@@ -163,22 +166,19 @@ class Choice:
 
 def int8_path_for(model_path: str | Path) -> Path:
     """Where `wsiproc quantize` puts, and the Predictor looks for, the int8 model of `model_path`."""
-    model_path = Path(model_path)
-    return model_path.with_name(model_path.stem + INT8_SUFFIX)
+    return ModelFiles.of(model_path).int8
 
 
 def _validated_int8(model_path: Path) -> tuple[Path | None, str]:
-    """The int8 IR beside `model_path` if it is fresh and passed the F1 check, else (None, why not)."""
-    from ..learn.quantize import check_sidecar, validation_passed
-
+    """The int8 IR beside `model_path` if it is fresh and passed its F1 check, else (None, why not)."""
     path = int8_path_for(model_path)
     if not path.is_file():
         return None, f"no int8 model {path.name} beside the model"
     try:
-        record = check_sidecar(path, source=model_path)
+        record = check_ir(path, source=model_path)
     except ValueError as exc:
         return None, str(exc)
-    ok, why = validation_passed(record)
+    ok, why = int8_accepted(record)
     return (path, why) if ok else (None, f"{path.name}: {why}")
 
 
@@ -192,9 +192,7 @@ def resolve(model_path: str | Path, engine: str = "auto", precision: str = "auto
     if model_path.suffix.lower() == ".xml":  # an OpenVINO IR given as the model: it runs at the precision stored
         if engine == "tensorflow":
             raise ModelError(f"{model_path}: an OpenVINO IR runs only with --engine openvino (or auto)")
-        from ..learn.quantize import check_sidecar, stored_precision
-
-        check_sidecar(model_path)  # a stale or replaced file is refused, naming it
+        check_ir(model_path)  # a stale or replaced file is refused, naming it
         stored = stored_precision(model_path)
         if stored == "int8":
             if precision not in ("auto", "int8"):
@@ -239,9 +237,7 @@ def resolve(model_path: str | Path, engine: str = "auto", precision: str = "auto
         if not path.is_file():
             raise ModelError(f"{model_path}: no int8 model beside it ({path.name}); make one with "
                              f"`wsiproc quantize {model_path} --domains DATA --out {path}`")
-        from ..learn.quantize import check_sidecar
-
-        check_sidecar(path, source=model_path)  # a stale int8 file is refused, naming it
+        check_ir(path, source=model_path)  # a stale int8 file is refused, naming it
         return Choice("openvino", "int8", "CPU", f"{why}; int8 asked for", path)
     if precision == "bfloat16" and not cpu.bf16:
         raise ValueError(f"precision bfloat16: this CPU has no bfloat16 arithmetic (OpenVINO reports "
@@ -261,12 +257,7 @@ def resolve(model_path: str | Path, engine: str = "auto", precision: str = "auto
 
 def model_geometry(keras_model) -> dict:
     """What the tiler needs from a network (`architectures.geometry`), as stored beside converted models."""
-    from .architectures import geometry
-
-    from .architectures import has_class_head
-    from .classes import CLASSES
-
-    g = geometry(keras_model)
+    g = network_geometry(keras_model)
     out = {"architecture": keras_model.name, "size_multiple_px": g.size_multiple_px,
            "receptive_radius_px": g.receptive_radius_px, "halo_px": g.halo_px}
     if has_class_head(keras_model):  # only then: class-less models keep the records (and IR cache keys) they had
@@ -279,16 +270,13 @@ def convert_keras(model_path: str | Path):
 
     Returns (OpenVINO model, `model_geometry` of the network), so the geometry is known without Keras later.
 
-    It converts the traced function the TensorFlow engine runs (`inference.keras_forward`: the sub-pixel head
+    It converts the traced function the TensorFlow engine runs (`forward.keras_forward`: the sub-pixel head
     rewrite where `model.subpixel_head` applies), with nearest upsamplings as concat + depth-to-space (same
     output, native OpenVINO ops); uint8 input keeps the /255 inside the graph and the tiles' bytes a quarter
     of float32's.
     """
-    import openvino as ov
-    import tensorflow as tf
-
-    from .inference import keras_forward
-    from .model import load_model
+    import openvino as ov  # lazy: only converting needs the converter
+    import tensorflow as tf  # lazy: seconds to import; only converting a .keras needs it
 
     keras_model = load_model(model_path)
     forward = keras_forward(keras_model, mixed_float16=False, for_openvino=True)
@@ -302,8 +290,6 @@ def convert_keras(model_path: str | Path):
         try:
             model = ov.convert_model(graph)
         except Exception as exc:  # the converter raises many types
-            from ..errors import problem
-
             raise ModelError(f"{model_path}: cannot be converted to OpenVINO ({problem(exc)})") from exc
     model.inputs[0].get_tensor().set_names({"rgb"})
     model.outputs[0].get_tensor().set_names({"confidence"})
@@ -328,17 +314,6 @@ def _sha256_bytes(*parts: bytes) -> str:
     for part in parts:
         digest.update(part)
     return digest.hexdigest()
-
-
-def ir_sha256(xml_path: str | Path) -> str:
-    """One digest for an IR pair: the sha256 of the .xml's and the .bin's sha256s (weights included)."""
-    from ..io.files import file_sha256
-
-    xml_path = Path(xml_path)
-    bin_path = xml_path.with_suffix(".bin")
-    if not bin_path.is_file():
-        raise FileNotFoundError(f"{xml_path}: its weights file {bin_path.name} is missing")
-    return _sha256_bytes(file_sha256(xml_path).encode(), file_sha256(bin_path).encode())
 
 
 BLOB_MAGIC = b"WSIPROC-OPENVINO-BLOB-1\n"
@@ -379,7 +354,7 @@ class ModelCache:
         (some network file systems) it is skipped, and a holder is waited for at most 10 minutes.
         """
         try:
-            import fcntl
+            import fcntl  # lazy: POSIX only
         except ImportError:  # pragma: no cover - not POSIX
             yield
             return
@@ -460,7 +435,7 @@ class ModelCache:
         return folder / "model.xml", digest, dict(record.get("geometry") or {})
 
     def _write_ir(self, folder: Path, model, geometry: dict, model_path: Path, model_sha256: str) -> None:
-        import openvino as ov
+        import openvino as ov  # lazy: the engine's runtime, loaded when a model is; `wsiproc info` and the outputs never need it
 
         tmp = folder.with_name(f".{folder.name}.{secrets.token_hex(6)}.partial")
         try:
@@ -528,8 +503,6 @@ class ModelCache:
             try:
                 payload = compiled.export_model()
                 payload = payload.getvalue() if hasattr(payload, "getvalue") else bytes(payload)  # BytesIO in 2026.x
-                from ..io.files import atomic_path
-
                 with atomic_path(path) as tmp:
                     tmp.write_bytes(BLOB_MAGIC + _sha256_bytes(payload).encode("ascii") + payload)
             except Exception as exc:  # exporting is an optimisation: never fail a run over it
@@ -538,8 +511,6 @@ class ModelCache:
 
 
 def problem_of(exc: BaseException) -> str:
-    from ..errors import problem
-
     return problem(exc)
 
 
@@ -603,7 +574,7 @@ class OpenVINOForward:
 def load_openvino(model_path: Path, model_sha256: str, choice: Choice, threads: int | None = None,
                   cache_dir: str | Path | None = None) -> tuple[OpenVINOForward, dict]:
     """Convert (or take from the cache), compile (or import) and wrap; returns (forward, what happened)."""
-    import openvino as ov
+    import openvino as ov  # lazy: the engine's runtime, loaded when a model is; `wsiproc info` and the outputs never need it
 
     t0 = time.perf_counter()
     cache = ModelCache(cache_dir)
@@ -616,9 +587,7 @@ def load_openvino(model_path: Path, model_sha256: str, choice: Choice, threads: 
         except Exception as exc:
             raise ModelError(f"{choice.ir_path}: not a loadable OpenVINO model ({problem_of(exc)})") from None
         cache.status["ir"] = "file"
-        from ..learn.quantize import _read_sidecar
-
-        geometry = dict((_read_sidecar(choice.ir_path) or {}).get("geometry") or {})
+        geometry = dict((read_record(choice.ir_path) or {}).get("geometry") or {})
     else:
         model, digest, geometry = cache.ir(model_path, model_sha256, lambda: convert_keras(model_path))
         if isinstance(model, Path):
@@ -628,8 +597,7 @@ def load_openvino(model_path: Path, model_sha256: str, choice: Choice, threads: 
                 raise ValueError(f"{model}: cached model cannot be read ({problem_of(exc)})") from None
     _check_io(model, choice.ir_path or model_path)
     if model.outputs[0].get_partial_shape().rank.get_length() == 4 and not geometry.get("classes"):
-        from .classes import CLASSES  # an IR from elsewhere with a class output: the channels after confidence
-
+        # an IR from elsewhere with a class output: the channels after confidence
         geometry = {**geometry, "classes": list(CLASSES)}
     compiled = cache.compiled(core, model, digest, "CPU", settings.properties())
     info = {"geometry": geometry, "threads": settings.threads, "cache": str(cache.root), "cache_status": dict(cache.status),

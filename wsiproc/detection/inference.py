@@ -14,121 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from .colour import DomainColours
-from .engines import ENGINES, PRECISIONS, Choice, describe_machine, load_openvino, resolve  # noqa: F401  (re-exported)
-from .model import DEFAULT_MODEL_PATH, class_branch, load_model, subpixel_head
+from .engines import ENGINES, PRECISIONS, Choice, describe_machine, load_openvino, model_geometry, resolve  # noqa: F401  (re-exported)
+from .forward import keras_forward
+from .model import DEFAULT_MODEL_PATH, load_model
+from .model_files import ir_sha256
 from ..errors import ModelError, ModelNotFoundError
 from ..io.files import file_sha256
-
-
-def _mixed_precision_copy(model):
-    """The same layers and weights with float16 compute (Keras' mixed_float16 policy: variables stay float32)."""
-    import keras
-
-    def clone(layer):
-        return layer.__class__.from_config({**layer.get_config(), "dtype": "mixed_float16"})
-
-    copy = keras.models.clone_model(model, clone_function=clone)
-    copy.set_weights(model.get_weights())
-    return copy
-
-
-def _nearest_upsampling_layer():
-    """A Keras layer doing what UpSampling2D(nearest) does, as f² copies of the channels and a depth-to-space.
-
-    Keras 3's UpSampling2D repeats rows and columns (Tile, Reshape and Transpose ops on shapes known only at
-    run time), which OpenVINO runs in reference kernels with layout transposes around them: vgg-lean ran at
-    half its bfloat16 speed. Concat + DepthToSpace are native, in any layout and precision (2× faster), and
-    unlike a resize (OpenVINO's Interpolate) NNCF quantises around them correctly: it put per-channel int8
-    ranges on the wrong axis after an NHWC Interpolate. The output is identical (tested).
-    """
-    import keras
-    import tensorflow as tf
-
-    class NearestUpsampling(keras.layers.Layer):
-        def __init__(self, factor: int = 2, **kwargs):
-            super().__init__(**kwargs)
-            self.factor = int(factor)
-
-        def call(self, x):
-            return tf.nn.depth_to_space(tf.concat([x] * self.factor**2, axis=-1), self.factor)
-
-        def get_config(self):
-            return {**super().get_config(), "factor": self.factor}
-
-    return NearestUpsampling
-
-
-def _inference_graph(model):
-    """The model with every square nearest UpSampling2D run as `_nearest_upsampling_layer` (same weights, same output)."""
-    import keras
-
-    ups = [layer for layer in model.layers if isinstance(layer, keras.layers.UpSampling2D)
-           and layer.interpolation == "nearest" and layer.size[0] == layer.size[1]]
-    if not ups:
-        return model
-    NearestUpsampling = _nearest_upsampling_layer()
-
-    def clone(layer):
-        if layer in ups:
-            return NearestUpsampling(layer.size[0], name=layer.name, dtype=layer.dtype_policy)
-        return layer  # the same layer object: its weights are shared, not copied
-
-    return keras.models.clone_model(model, clone_function=clone)
-
-
-def keras_forward(model, mixed_float16: bool = False, for_openvino: bool = False):
-    """One traced function (B, H, W, 3) uint8 → (B, H, W) float32: what TensorFlow runs, and what OpenVINO converts.
-
-    A network ending in nearest upsampling + 3 × 3 sigmoid convolution (the paper's) runs its head as a
-    sub-pixel convolution (`model.subpixel_head`): the same output without materialising the upsampled
-    features, the largest tensor of the whole network. Any other architecture runs as it is; `for_openvino`
-    (the graph `engines.convert_keras` converts) runs its nearest upsamplings as `_inference_graph` does, which
-    OpenVINO runs 2× faster and TensorFlow 10 % slower.
-    """
-    import tensorflow as tf
-
-    head = subpixel_head(model)
-    classes = class_branch(model)
-    if head is not None and classes is not None and classes[1] != _producer_name(head[0]):
-        head = None  # the class head reads other features than the sub-pixel head: run the graph as it is
-    if head is None:
-        net = _inference_graph(model) if for_openvino else model
-        net = _mixed_precision_copy(net) if mixed_float16 else net
-        with_classes = classes is not None
-
-        @tf.function(reduce_retracing=True)
-        def forward(x):
-            out = tf.cast(net(tf.cast(x, tf.float32) / 255.0, training=False), tf.float32)
-            return out if with_classes else out[..., 0]
-
-        return forward
-    trunk, kernel, bias, factor = head
-    trunk = _mixed_precision_copy(trunk) if mixed_float16 else trunk
-    kernel, bias = tf.constant(kernel), tf.constant(bias)
-    branch = classes[0] if classes is not None else None
-    class_factor = classes[2] if classes is not None else 1
-
-    @tf.function(reduce_retracing=True)
-    def forward(x):
-        features = tf.cast(trunk(tf.cast(x, tf.float32) / 255.0, training=False), tf.float32)
-        logits = tf.nn.conv2d(features, kernel, 1, "SAME") + bias  # one channel per sub-pixel position
-        confidence = tf.sigmoid(tf.nn.depth_to_space(logits, factor))
-        if branch is None:
-            return confidence[..., 0]
-        probs = tf.cast(branch(features, training=False), tf.float32)
-        if class_factor > 1:  # nearest upsampling as copies + depth-to-space: native in OpenVINO (see above)
-            probs = tf.nn.depth_to_space(tf.concat([probs] * class_factor**2, axis=-1), class_factor)
-        return tf.concat([confidence, probs], axis=-1)
-
-    return forward
-
-
-def _producer_name(trunk) -> str:
-    """The name of the layer whose output a sub-model (`subpixel_head`'s trunk) returns."""
-    return trunk.outputs[0]._keras_history[0].name
-
-
-_keras_forward = keras_forward  # the name earlier code and benchmarks used
 
 
 class Predictor:
@@ -151,7 +42,7 @@ class Predictor:
             raise ModelNotFoundError(f"{self.model_path}: model file not found")
         self.requested = {"engine": engine, "precision": precision}
         self.sha256 = (file_sha256(self.model_path) if self.model_path.suffix.lower() != ".xml"
-                       else _ir_sha256(self.model_path))
+                       else ir_sha256(self.model_path))
         self.choice: Choice = resolve(self.model_path, engine, precision)
         self.engine, self.precision, self.device = self.choice.engine, self.choice.precision, self.choice.device
         self._keras = None
@@ -160,8 +51,6 @@ class Predictor:
             self._forward, self._info = load_openvino(self.model_path, self.sha256, self.choice, threads, cache_dir)
             self.geometry: dict = self._info.pop("geometry", {})
         else:
-            from .engines import model_geometry
-
             self._keras = load_model(self.model_path)
             self._forward = keras_forward(self._keras, self.precision == "mixed_float16")
             self.geometry = model_geometry(self._keras)
@@ -197,12 +86,12 @@ class Predictor:
                **describe_machine(),
                "startup_s": self.startup_s}
         if self.choice.ir_path is not None:
-            out["openvino_model"] = {"path": str(self.choice.ir_path), "sha256": _ir_sha256(self.choice.ir_path)}
+            out["openvino_model"] = {"path": str(self.choice.ir_path), "sha256": ir_sha256(self.choice.ir_path)}
         if self.colours is not None:
             out["colour_alignment"] = {"path": str(self.colours_path), "sha256": self.colours_sha256,
                                        "domains": sorted(self.colours.domains)}
         if self.engine == "tensorflow":
-            import tensorflow as tf
+            import tensorflow as tf  # lazy: loaded already by this engine; never imported for OpenVINO
 
             out["tensorflow_version"] = tf.__version__
         out.update({k: v for k, v in self._info.items() if k != "properties"})
@@ -252,8 +141,3 @@ def _out_of_memory(exc: BaseException) -> bool:
     tf = sys.modules.get("tensorflow")
     return tf is not None and isinstance(exc, tf.errors.ResourceExhaustedError)
 
-
-def _ir_sha256(path: Path) -> str:
-    from .engines import ir_sha256
-
-    return ir_sha256(path)

@@ -1,8 +1,10 @@
 """The detection loop of one slide: slide → tissue tiles → confidence → nuclei → stitched level-0 centroids.
 
-Tile reads run in a small thread pool ahead of the model (prefetch), so decoding and resampling overlap
-with inference; post-processing happens as each batch returns, and only the per-tile centroids are kept:
-no whole-slide image or confidence map ever exists in memory.
+Tiles are planned and read by `wsiproc.detection.tiles` (as everything else that reads tiles through the
+model: adaptation, explain), in a small thread pool ahead of the model (prefetch), so decoding and resampling
+overlap with inference; post-processing happens as each batch returns, and only the per-tile centroids are
+kept: no whole-slide image or confidence map ever exists in memory. `detect_region` runs this same loop on one
+box of a slide.
 """
 from __future__ import annotations
 
@@ -11,24 +13,22 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 
-from ..config import RunConfig
 from .colour import DomainColours, SlideColour, slide_colour
 from .classes import CLASS_READ_RADIUS_PX, CLASSES, read_class_probs
 from .detections import Detections
-from ..errors import problem
 from .inference import Predictor
-from .model import size_multiple
+from .params import DetectionParams
 from .postprocess import Postprocess
 from ..io.resample import map_coords
 from ..io.slide import Slide, SlideError
 from .stitch import keep_core, merge_across_tiles
-from .tiling import SlideSampler, TileGrid, halo_tiles
-from .tissue import TissueMask, tissue_mask
+from .tiles import Tile, batched, every_tile, iter_tile_batches, plan_tiles, tile_grid
+from .tiling import RegionSampler, SlideSampler, TileGrid
+from .tissue import TissueMask
 
 ProgressFn = Callable[[int, int, int], None]  # (tiles done, tiles to do, nuclei so far)
 
@@ -82,64 +82,6 @@ class SlideDetections:
 _TILE_KEYS = ("tiles_total", "tiles_computed", "tissue_fraction", "tissue_saturation_threshold")
 
 
-#: Images whose longer side is at most this many tile sides are computed as one tile.
-SMALL_IMAGE_FACTOR = 1.25
-
-
-def plan_tiles(sampler: SlideSampler, cfg: RunConfig, geometry: dict | None = None) -> tuple[TileGrid, list[tuple[int, int]], dict, TissueMask | None]:
-    """The tile grid, the tiles worth computing (those touching tissue, unless the mask is off), counts and
-    warnings, and the tissue mask itself (None when off or unreadable). `geometry` is the model's
-    (`Predictor.geometry`): its size multiple and receptive radius set the grid's multiple and halo."""
-    geometry = geometry or {}
-    multiple = size_multiple(geometry)
-    if cfg.tile_px % multiple:
-        raise ValueError(f"tile_px must be a multiple of {multiple} for this model (got {cfg.tile_px})")
-    h, w = sampler.shape_hw()
-    # An image up to a quarter larger than one tile (annotated crops, small regions) gets one tile of its own
-    # size: same output, and one model call instead of four mostly-padding ones.
-    side_px = -(-max(h, w) // multiple) * multiple
-    tile_px = side_px if side_px <= SMALL_IMAGE_FACTOR * cfg.tile_px else cfg.tile_px
-    grid = TileGrid(h, w, tile_px, cfg.halo_for(geometry), multiple)
-    info: dict = {"tiles_total": len(grid), "warnings": []}
-    mask = None
-    if cfg.tissue_mask:
-        try:
-            mask = tissue_mask(sampler)
-        except Exception as exc:  # a corrupt tile in the level the mask is read from (single-level files)
-            reason = problem(exc)
-            if cfg.strict:
-                raise SlideError(f"{sampler.path}: the overview for the tissue mask cannot be decoded: {reason}") from exc
-            info["warnings"].append(f"no tissue mask (the overview cannot be decoded: {reason}): every tile was sent to the model")
-    if mask is not None:
-        tiles = mask.tiles_touching(grid, cfg.model_mpp)
-        info.update(tissue_fraction=round(mask.fraction, 4), tissue_saturation_threshold=round(mask.saturation_threshold, 4),
-                    median_brightness=round(mask.median_brightness, 1))
-        if not mask.looks_brightfield:
-            info["warnings"].append(f"does not look like brightfield H&E (median brightness {mask.median_brightness:.0f}/255, "
-                                    "dark background: fluorescence?); detections are likely meaningless")
-        if not tiles:
-            info["warnings"].append("no tissue found: no tile was sent to the model (use --no-tissue-mask to force)")
-    else:
-        tiles = [(r, c) for r in range(grid.rows) for c in range(grid.cols)]
-    info["tiles_computed"] = len(tiles)
-    return grid, tiles, info, mask
-
-
-def batched(items: list, size: int) -> Iterable[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def read_tile(blocks, rc: tuple[int, int], strict: bool, path: Path) -> tuple[np.ndarray | None, dict | None]:
-    """One tile with its halo, or the reason it could not be decoded (a corrupt tile in a readable slide)."""
-    try:
-        return blocks.blocks[rc[0], rc[1]].compute(scheduler="synchronous"), None
-    except Exception as exc:
-        if strict:
-            raise ValueError(f"{path}: tile (row {rc[0]}, col {rc[1]}) cannot be decoded: {problem(exc)}") from exc
-        return None, {"row": rc[0], "col": rc[1], "error": problem(exc)}
-
-
 def _nuclei_of_tiles(grid: TileGrid, tiles: list[tuple[int, int]], conf: np.ndarray, post: Postprocess,
                      probs: np.ndarray | None = None) -> tuple[list[TileResult], float]:
     """Post-processing of one batch's confidence maps: the nuclei in each tile's core, each with its class
@@ -152,12 +94,6 @@ def _nuclei_of_tiles(grid: TileGrid, tiles: list[tuple[int, int]], conf: np.ndar
             components = components.with_class_probs(read_class_probs(probs[i], components.y, components.x, CLASS_READ_RADIUS_PX))
         found.append(TileResult(r, c, *keep_core(components, grid, r, c)))
     return found, time.perf_counter() - t0
-
-
-def _split_reads(batch: list[tuple[int, int]], reads: list) -> tuple[list, list[dict]]:
-    """(tile, image) of the tiles that could be read, and the failures of those that could not."""
-    results = [(rc, *read) for rc, read in zip(batch, reads)]
-    return [(rc, img) for rc, img, _ in results if img is not None], [f for _, _, f in results if f is not None]
 
 
 def _predict(predictor, images: list[np.ndarray], colour: SlideColour | None = None,
@@ -180,29 +116,24 @@ def worker_predictor(model_path: str, precision: str = "auto", engine: str = "au
     return Predictor(model_path, precision=precision, engine=engine)
 
 
-def _remote_batch(sampler: SlideSampler, grid: TileGrid, tiles: list[tuple[int, int]], cfg: RunConfig, model_path: str,
-                  colour: SlideColour | None = None):
-    """What a dask worker does with one batch: read, predict, post-process; the model is loaded once per worker."""
-    blocks = halo_tiles(sampler, grid)
-    ok, failures = _split_reads(tiles, [read_tile(blocks, rc, cfg.strict, Path(sampler.path)) for rc in tiles])
-    if not ok:
-        return BatchResult(len(tiles), [], failures)
-    conf, probs, t_pred = _predict(worker_predictor(model_path, cfg.precision, cfg.engine), [img for _, img in ok], colour,
-                                   cfg.classes)
-    found, t_post = _nuclei_of_tiles(grid, [rc for rc, _ in ok], conf, cfg.postprocessor(), probs)
-    return BatchResult(len(tiles), found, failures, t_pred, t_post)
+def _remote_batch(sampler: SlideSampler, grid: TileGrid, tiles: list[tuple[int, int]], cfg: DetectionParams, model_path: str,
+                  colour: SlideColour | None = None, precision: str = "auto", engine: str = "auto"):
+    """What a dask worker does with one batch: read, predict, post-process; the model is loaded once per worker,
+    with the engine and precision the client's `Predictor` was asked for. The batch is read here, in this thread."""
+    [batch] = iter_tile_batches(sampler, grid, tiles, len(tiles), strict=cfg.strict, prefetch=0)
+    if not batch.images:
+        return BatchResult(len(batch), [], list(batch.failures))
+    conf, probs, t_pred = _predict(worker_predictor(model_path, precision, engine), batch.images, colour, cfg.classes)
+    found, t_post = _nuclei_of_tiles(grid, batch.read, conf, cfg.postprocessor(), probs)
+    return BatchResult(len(batch), found, list(batch.failures), t_pred, t_post)
 
 
-def _local_batches(slide: Slide, sampler: SlideSampler, grid: TileGrid, batches: list, cfg: RunConfig, predictor: Predictor,
-                   colour: SlideColour | None = None):
-    """The model never waits for the rest: reads run in a thread pool two batches ahead of it, and each batch's
-    post-processing runs in that pool while the model computes the next batch (on a GPU both would otherwise
-    leave it idle)."""
-    blocks = halo_tiles(sampler, grid)
+def _local_batches(sampler: SlideSampler | RegionSampler, grid: TileGrid, tiles: list[Tile], cfg: DetectionParams,
+                   predictor: Predictor, colour: SlideColour | None = None):
+    """The model never waits for the rest: reads run in a thread pool two batches ahead of it
+    (`iter_tile_batches`), and each batch's post-processing runs in that same pool while the model computes the
+    next batch (on a GPU both would otherwise leave it idle)."""
     with ThreadPoolExecutor(max_workers=max(1, cfg.io_workers), thread_name_prefix="wsiproc-read") as pool:
-        submit = lambda batch: (batch, [pool.submit(read_tile, blocks, rc, cfg.strict, slide.path) for rc in batch])  # noqa: E731
-        pending = deque(submit(b) for b in batches[:2])
-        upcoming = iter(batches[2:])
         post: deque = deque()  # (tiles in batch, post-processing future, failures, predict seconds)
 
         def finished() -> BatchResult:
@@ -210,17 +141,13 @@ def _local_batches(slide: Slide, sampler: SlideSampler, grid: TileGrid, batches:
             found, t_post = future.result()
             return BatchResult(n_tiles, found, failures, t_pred, t_post)
 
-        while pending:
-            batch, futures = pending.popleft()
-            nxt = next(upcoming, None)
-            if nxt is not None:
-                pending.append(submit(nxt))
-            ok, failures = _split_reads(batch, [f.result() for f in futures])
-            if not ok:
+        for batch in iter_tile_batches(sampler, grid, tiles, cfg.batch_size, strict=cfg.strict, prefetch=2, executor=pool):
+            failures = list(batch.failures)
+            if not batch.images:
                 post.append((len(batch), pool.submit(lambda: ([], 0.0)), failures, 0.0))
             else:
-                conf, probs, t_pred = _predict(predictor, [img for _, img in ok], colour, cfg.classes)
-                post.append((len(batch), pool.submit(_nuclei_of_tiles, grid, [rc for rc, _ in ok], conf, cfg.postprocessor(), probs),
+                conf, probs, t_pred = _predict(predictor, batch.images, colour, cfg.classes)
+                post.append((len(batch), pool.submit(_nuclei_of_tiles, grid, batch.read, conf, cfg.postprocessor(), probs),
                              failures, t_pred))
             while len(post) > 1:
                 yield finished()
@@ -228,33 +155,27 @@ def _local_batches(slide: Slide, sampler: SlideSampler, grid: TileGrid, batches:
             yield finished()
 
 
-def _distributed_batches(client, sampler: SlideSampler, grid: TileGrid, batches: list, cfg: RunConfig, predictor: Predictor,
+def _distributed_batches(client, sampler: SlideSampler, grid: TileGrid, tiles: list[Tile], cfg: DetectionParams, predictor: Predictor,
                          colour: SlideColour | None = None):
     """One dask task per batch on the cluster; results come back as they finish (order does not matter)."""
-    from distributed import as_completed
+    from distributed import as_completed  # lazy: dask's cluster, only when a run asks for workers
 
-    futures = [client.submit(_remote_batch, sampler, grid, batch, cfg, str(predictor.model_path), colour, pure=False)
-               for batch in batches]
+    asked = predictor.requested
+    futures = [client.submit(_remote_batch, sampler, grid, batch, cfg, str(predictor.model_path), colour, asked["precision"],
+                             asked["engine"], pure=False)
+               for batch in batched(tiles, cfg.batch_size)]
     for future in as_completed(futures):
         yield future.result()
 
 
-def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: ProgressFn | None = None, client=None) -> SlideDetections:
-    """All nuclei of a slide in level-0 pixel coordinates, with counts and timings.
-
-    With a dask.distributed `client`, batches run on the cluster's workers (each loads the model once);
-    batches are the same either way, so the results are identical.
-    """
-    t_start = time.perf_counter()
-    sampler = SlideSampler.for_slide(slide, cfg.model_mpp)
-    grid, tiles, counts, mask = plan_tiles(sampler, cfg, getattr(predictor, "geometry", None))
-    tile_mask_s = round(time.perf_counter() - t_start, 3)
-    colours: DomainColours | None = getattr(predictor, "colours", None)
-    colour = slide_colour(sampler, colours, mask) if colours is not None and tiles else None
-    batches = list(batched(tiles, cfg.batch_size))
-    source = (_distributed_batches(client, sampler, grid, batches, cfg, predictor, colour) if client is not None
-              else _local_batches(slide, sampler, grid, batches, cfg, predictor, colour))
-
+def _found_in_tiles(sampler: SlideSampler | RegionSampler, grid: TileGrid, tiles: list[Tile], cfg: DetectionParams,
+                    predictor: Predictor, colour: SlideColour | None = None, progress: ProgressFn | None = None,
+                    client=None) -> tuple[list[TileResult], list[dict], float, float]:
+    """`tiles` through the model, on `client`'s workers or here: the nuclei each tile owns, the tiles that could
+    not be decoded (in tile order), and the model's and the post-processing's seconds. When none of the tiles
+    can be decoded the slide fails: an empty result would look like a slide without nuclei."""
+    source = (_distributed_batches(client, sampler, grid, tiles, cfg, predictor, colour) if client is not None
+              else _local_batches(sampler, grid, tiles, cfg, predictor, colour))
     parts: list[TileResult] = []
     failed_tiles: list[dict] = []
     t_predict = t_post = 0.0
@@ -268,12 +189,42 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
         t_post += result.postprocess_s
         if progress:
             progress(done, len(tiles), n_found)
+    failed_tiles.sort(key=lambda f: (f["row"], f["col"]))
+    if tiles and len(failed_tiles) == len(tiles):
+        raise SlideError(f"{sampler.path}: no tile could be decoded ({len(tiles)} tried; first error: {failed_tiles[0]['error']})")
+    return parts, failed_tiles, t_predict, t_post
 
+
+def detect_region(slide: Slide, cfg: DetectionParams, predictor: Predictor, region_model_px: tuple[int, int, int, int],
+                  colour: SlideColour | None = None) -> Detections:
+    """The nuclei of one box (y0, x0, height, width) of the slide's model grid, in level-0 pixel coordinates of
+    the slide, found by the code of a run: the box tiled as `detect` tiles an image of its size (every tile; the
+    caller chose the box, so no tissue mask), the slide's own pixels in the halos, the same batches, model,
+    post-processing, core rule and stitching. `colour`: the slide's colour transform as a run measures it on the
+    whole slide (`colour.slide_colour`), or None. `wsiproc explain` detects in a random region with this."""
+    y0, x0, height, width = region_model_px
+    sampler = SlideSampler.for_slide(slide, cfg.model_mpp).region(y0, x0, height, width)
+    grid = tile_grid(sampler, cfg, predictor.geometry)
+    parts, _, _, _ = _found_in_tiles(sampler, grid, every_tile(grid), cfg, predictor, colour)
+    with_classes = bool(cfg.classes and getattr(predictor, "classes", None))
+    return _stitch(parts, grid, cfg, slide.require_mpp(), with_classes, origin_model_px=(y0, x0))[0]
+
+
+def detect(slide: Slide, cfg: DetectionParams, predictor: Predictor, progress: ProgressFn | None = None, client=None) -> SlideDetections:
+    """All nuclei of a slide in level-0 pixel coordinates, with counts and timings.
+
+    With a dask.distributed `client`, batches run on the cluster's workers (each loads the model once);
+    batches are the same either way, so the results are identical.
+    """
+    t_start = time.perf_counter()
+    sampler = SlideSampler.for_slide(slide, cfg.model_mpp)
+    grid, tiles, counts, mask = plan_tiles(sampler, cfg, predictor.geometry)
+    tile_mask_s = round(time.perf_counter() - t_start, 3)
+    colours: DomainColours | None = getattr(predictor, "colours", None)
+    colour = slide_colour(sampler, colours, mask) if colours is not None and tiles else None
+    parts, failed_tiles, t_predict, t_post = _found_in_tiles(sampler, grid, tiles, cfg, predictor, colour, progress, client)
     with_classes = bool(cfg.classes and getattr(predictor, "classes", None))
     det, merged = _stitch(parts, grid, cfg, slide.require_mpp(), with_classes)
-    failed_tiles.sort(key=lambda f: (f["row"], f["col"]))
-    if tiles and len(failed_tiles) == len(tiles):  # an empty result would look like a slide without nuclei
-        raise SlideError(f"{slide.path}: no tile could be decoded ({len(tiles)} tried; first error: {failed_tiles[0]['error']})")
     warnings = counts.pop("warnings")
     if failed_tiles:
         warnings.append(f"{len(failed_tiles)} tile(s) could not be decoded and were skipped (see failed_tiles)")
@@ -294,9 +245,10 @@ def detect(slide: Slide, cfg: RunConfig, predictor: Predictor, progress: Progres
     )
 
 
-def _stitch(parts: list[TileResult], grid: TileGrid, cfg: RunConfig, level0_mpp: float,
-            with_classes: bool = False) -> tuple[Detections, int]:
-    """The tiles' nuclei as one set on the level-0 grid (µm/px `level0_mpp`), seams merged; and how many were merged."""
+def _stitch(parts: list[TileResult], grid: TileGrid, cfg: DetectionParams, level0_mpp: float,
+            with_classes: bool = False, origin_model_px: tuple[int, int] = (0, 0)) -> tuple[Detections, int]:
+    """The tiles' nuclei as one set on the level-0 grid (µm/px `level0_mpp`), seams merged; and how many were merged.
+    `origin_model_px`: where the grid's top-left pixel lies on the slide's model grid (a region's box)."""
     parts = sorted(parts, key=lambda f: (f.row, f.col))  # tile order: the same output whichever finished first
     y = np.concatenate([f.y_model_px for f in parts]) if parts else np.zeros(0)
     x = np.concatenate([f.x_model_px for f in parts]) if parts else np.zeros(0)
@@ -308,9 +260,10 @@ def _stitch(parts: list[TileResult], grid: TileGrid, cfg: RunConfig, level0_mpp:
     if with_classes:
         probs = (np.concatenate([f.class_probs for f in parts]).astype(np.float32) if parts
                  else np.zeros((0, len(CLASSES)), np.float32))[keep]
+    y0, x0 = origin_model_px
     det = Detections(
-        map_coords(x[keep], cfg.model_mpp, level0_mpp),
-        map_coords(y[keep], cfg.model_mpp, level0_mpp),
+        map_coords(x[keep] + x0, cfg.model_mpp, level0_mpp),
+        map_coords(y[keep] + y0, cfg.model_mpp, level0_mpp),
         conf_all[keep],
         (area[keep] * cfg.model_mpp**2).astype(np.float32),
         probs,

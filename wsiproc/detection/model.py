@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError, ModelNotFoundError
+from . import architectures
+from .architectures import _producer, class_head_anchor, has_class_head
 
 # Keras (and with it TensorFlow) is imported inside the functions that build, load or save a network: the
 # constants and paths here are what the tiler, the CLI's --help and `info` need, and they must not pay 5 s
@@ -49,7 +51,7 @@ def resolve_model_path(name_or_path: str | Path | None) -> Path:
     if str(name_or_path) in SHIPPED_MODELS:
         return SHIPPED_MODELS[str(name_or_path)]
     path = Path(name_or_path)
-    if path.suffix.lower() not in (".keras", ".xml", ".tflite") and not path.is_file():
+    if path.suffix.lower() not in (".keras", ".xml") and not path.is_file():
         raise ValueError(f"{name_or_path}: neither a model file nor a shipped model ({', '.join(SHIPPED_MODELS)})")
     return path
 
@@ -62,8 +64,6 @@ def build_model(dropout: float = 0.5, vgg16_weights: str | Path | None = None, f
     ../shared/data/vgg16-imagenet); their input normalisation is folded into the first convolution, so the
     network keeps taking RGB in [0, 1]. Only networks with the VGG stem (paper, vgg-lean) take them.
     """
-    from . import architectures
-
     model = architectures.build(arch, dropout=dropout) if arch in ("paper", "vgg-lean") else architectures.build(arch)
     if vgg16_weights is not None:
         architectures.load_vgg16_npz(model, vgg16_weights, freeze=freeze_vgg)
@@ -72,7 +72,7 @@ def build_model(dropout: float = 0.5, vgg16_weights: str | Path | None = None, f
 
 def load_model(path: str | Path | None = None) -> "keras.Model":
     """Load a `.keras` model with Keras' safe mode on (no arbitrary code from model files)."""
-    import keras
+    import keras  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     path = Path(path) if path is not None else DEFAULT_MODEL_PATH
     if not path.is_file():
@@ -92,7 +92,7 @@ def _stored_float16(layer) -> bool:
 
 def with_dtype(model: "keras.Model", dtype: str) -> "keras.Model":
     """The same layers and weights with another dtype policy ("float16" to store, "float32" to compute)."""
-    import keras
+    import keras  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     def clone(layer):
         return layer.__class__.from_config({**layer.get_config(), "dtype": dtype})
@@ -107,7 +107,7 @@ def with_policy(model: "keras.Model", policy: str) -> "keras.Model":
     """The same layers and weights under a mixed-precision policy (`mixed_bfloat16`, `mixed_float16`), the output
     layer kept float32 (a sigmoid and its loss in 8 mantissa bits lose the confidences near 0 and 1); `float32`
     returns the model as it is. Variables stay float32 under mixed policies, so training updates are not rounded."""
-    import keras
+    import keras  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     if policy == "float32":
         return model
@@ -146,10 +146,8 @@ def subpixel_head(model: "keras.Model") -> "tuple[keras.Model, np.ndarray, np.nd
     summed where the full-resolution window falls on the same feature pixel) followed by depth-to-space(f).
     Returns (trunk, kernel, bias, factor), or None when the model does not end that way (then run it as is).
     """
-    import keras
-    from keras import layers
-
-    from .architectures import _producer, has_class_head
+    import keras  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
+    from keras import layers  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     head = model.get_layer("confidence") if has_class_head(model) else model.layers[-1]
     if not (isinstance(head, layers.Conv2D) and head.filters == 1 and tuple(head.kernel_size) == (3, 3)
@@ -181,9 +179,7 @@ def class_branch(model) -> "tuple[keras.Model, str, int] | None":
     """(class head as a model from its anchor's features to probabilities at their resolution, the anchor's
     name, the upsampling factor to the input grid), or None without a class head. Lets inference run the
     head on the trunk features it already has instead of a second pass."""
-    import keras
-
-    from .architectures import class_head_anchor
+    import keras  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     anchor = class_head_anchor(model)
     if anchor is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 # scipy.ndimage (0.2 s to import) is loaded by the functions that use it: `config` needs only the names here.
 
@@ -29,8 +30,6 @@ class Components:
 
 def find_nuclei(confidence: np.ndarray, threshold: float = 0.5) -> Components:
     """Components of `confidence > threshold` with their (unweighted) centre of mass."""
-    from scipy import ndimage
-
     mask = confidence > threshold
     labels, n = ndimage.label(mask, structure=EIGHT_CONNECTED)
     if n == 0:
@@ -55,8 +54,7 @@ def find_peaks(confidence: np.ndarray, threshold: float = 0.5, min_distance_px: 
     pixel over the threshold goes to the peak it climbs to, a watershed on the smoothed map), so the
     `area µm²` output keeps its meaning.
     """
-    from scipy import ndimage
-    from skimage.segmentation import watershed
+    from skimage.segmentation import watershed  # lazy: about a second to import; only this step needs it
 
     smooth = ndimage.gaussian_filter(confidence.astype(np.float32), sigma_px) if sigma_px > 0 else confidence.astype(np.float32)
     size = 2 * int(min_distance_px) + 1

@@ -99,6 +99,39 @@ class SlideSampler:
         region = slide.read_level(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
         return resample_box(region, (bx0 - ix0, by0 - iy0, bx1 - ix0, by1 - iy0), (width, height))
 
+    def region(self, y0: int, x0: int, height: int, width: int) -> "RegionSampler":
+        """The box [y0, y0+height) × [x0, x0+width) of this grid as an image of its own (`RegionSampler`)."""
+        return RegionSampler(self, y0, x0, height, width)
+
+
+@dataclass(frozen=True)
+class RegionSampler:
+    """A box of a `SlideSampler`'s grid seen as an image of its own (its top-left pixel is (0, 0)): what
+    `loop.detect_region` tiles, so one region is detected by the code of a run. Reads beyond the box see the
+    slide's own pixels, as a tile's halo inside a slide does. It has no tissue mask of its own (`tissue_mask`
+    reads the whole slide): the caller chose the box. Picklable, as its slide sampler."""
+
+    slide_sampler: SlideSampler
+    y0_px: int
+    x0_px: int
+    height_px: int
+    width_px: int
+
+    @property
+    def path(self) -> str:
+        return self.slide_sampler.path
+
+    @property
+    def mpp(self) -> float:
+        return self.slide_sampler.mpp
+
+    def shape_hw(self) -> tuple[int, int]:
+        return self.height_px, self.width_px
+
+    def read(self, y0: int, x0: int, height: int, width: int) -> np.ndarray:
+        """RGB uint8 of the box [y0, y0+height) × [x0, x0+width) of the region (may extend beyond it)."""
+        return self.slide_sampler.read(self.y0_px + y0, self.x0_px + x0, height, width)
+
 
 def slide_array(sampler: SlideSampler, chunk_px: int = 512) -> da.Array:
     """The whole slide on the target grid as a lazy (height, width, 3) uint8 dask array."""
@@ -113,7 +146,7 @@ def slide_array(sampler: SlideSampler, chunk_px: int = 512) -> da.Array:
     return da.map_blocks(block, chunks=(_splits(h, chunk_px), _splits(w, chunk_px), (3,)), dtype=np.uint8, meta=np.empty((0, 0, 0), np.uint8))
 
 
-def halo_tiles(sampler: SlideSampler, grid: TileGrid) -> da.Array:
+def halo_tiles(sampler: SlideSampler | RegionSampler, grid: TileGrid) -> da.Array:
     """Tiles with their halos, block (r, c) being tile (r, c) padded to `grid.block_px` (white outside).
 
     Laid out as dask's own overlap does (block after block), so `.blocks[r, c]` is one model input.
@@ -124,7 +157,7 @@ def halo_tiles(sampler: SlideSampler, grid: TileGrid) -> da.Array:
         r, c, _ = block_info[None]["chunk-location"]
         return sampler.read(r * grid.tile_px - grid.halo_px, c * grid.tile_px - grid.halo_px, b, b)
 
-    import dask.array as da
+    import dask.array as da  # lazy: `wsiproc info` and the samplers need no dask
 
     return da.map_blocks(block, chunks=((b,) * grid.rows, (b,) * grid.cols, (3,)), dtype=np.uint8, meta=np.empty((0, 0, 0), np.uint8))
 

@@ -75,7 +75,7 @@ def tissue_mask(sampler: SlideSampler, mask_mpp: float = MASK_MPP, min_threshold
     rgb = np.concatenate([low.read(y, 0, min(strip_h, h - y), w) for y in range(0, h, strip_h)], axis=0)
     sat = saturation(rgb)
     value = rgb.max(axis=2)
-    from skimage.filters import threshold_otsu
+    from skimage.filters import threshold_otsu  # lazy: about a second to import; only this step needs it
 
     candidates = sat[value > 30]  # ignore black scan padding
     otsu = float(threshold_otsu(candidates)) if candidates.size and np.ptp(candidates) > 0 else max_threshold

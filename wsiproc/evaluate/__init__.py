@@ -1,2 +1,2 @@
-"""Checking models: annotations in any format (`annotations`), scoring against them (`scoring`), LRP heat maps
+"""Checking models: scoring against annotations (`scoring`; the readers are `wsiproc.io.annotations`), LRP heat maps
 (`explain`)."""

@@ -27,7 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import RunConfig
+from ..detection.architectures import without_class_head
+from ..detection.colour import slide_colour
+from ..detection.inference import Predictor
+from ..detection.loop import detect, detect_region
 from ..detection.model import MODEL_MPP, size_multiple
+from ..detection.tiling import SlideSampler
+from ..detection.tissue import tissue_mask
+from ..errors import ModelNotFoundError
+from ..io.files import atomic_path
+from ..io.resample import map_coords
+from ..io.slide import open_slide
 
 __all__ = ["BLOCK_PX", "RULES", "ExplainedBlock", "lrp_relevance", "lrp_relevance_batch", "explain_slide"]
 
@@ -59,7 +70,7 @@ def lrp_relevance(model, block_rgb01: np.ndarray, target_yx: tuple[int, int], ru
 def lrp_relevance_batch(model, blocks_rgb01: np.ndarray, targets_yx: list[tuple[int, int]], rule: str = "epsilon",
                         epsilon: float = 1e-6) -> np.ndarray:
     """`lrp_relevance` for a batch (B, H, W, 3) of blocks, one target pixel each → (B, H, W)."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: loads TensorFlow (seconds); only LRP needs it
 
     if rule not in RULES:
         raise ValueError(f"unknown LRP rule {rule!r}; known: {', '.join(RULES)}")
@@ -72,8 +83,6 @@ def lrp_relevance_batch(model, blocks_rgb01: np.ndarray, targets_yx: list[tuple[
     for y, xx in targets_yx:
         if not (0 <= y < h and 0 <= xx < w):
             raise ValueError(f"target pixel {(y, xx)} lies outside the {h}×{w} block")
-
-    from ..detection.architectures import without_class_head
 
     steps = _linear_steps(without_class_head(model))  # what is explained is the confidence, not the class head
     hidden, output = steps[:-1], steps[-1]
@@ -112,7 +121,7 @@ def _output_relevance(step: "_Step", a, targets_yx: list[tuple[int, int]], alpha
     the same LRP step as for any other convolution, minus the full-size backward pass of a 512 → 1 channel
     convolution, which is slow on CPUs and would be zero everywhere but the windows.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: loads TensorFlow (seconds); only LRP needs it
 
     kh, kw = step.layer.kernel_size
     if step.layer.padding != "same" or kh % 2 == 0 or kw % 2 == 0 or tuple(step.layer.dilation_rate) != (1, 1):
@@ -143,7 +152,7 @@ class _Step:
     relu: bool
 
     def forward(self, a, kernel=None, bias: bool = True, padding: str | None = None):
-        import tensorflow as tf
+        import tensorflow as tf  # lazy: loads TensorFlow (seconds); only LRP needs it
 
         layer = self.layer
         if self.kind == "conv":
@@ -158,7 +167,7 @@ class _Step:
 
 def _linear_steps(model) -> list[_Step]:
     """The model's layers as `_Step`s, refusing layer types this LRP does not know."""
-    from keras import activations, layers
+    from keras import activations, layers  # lazy: loads TensorFlow (seconds); only LRP needs it
 
     steps = []
     for layer in model.layers:
@@ -182,14 +191,14 @@ def _linear_steps(model) -> list[_Step]:
 
 
 def _stabilise(z, epsilon: float):
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: loads TensorFlow (seconds); only LRP needs it
 
     return z + epsilon * tf.where(z >= 0, 1.0, -1.0)
 
 
 def _alpha_beta(step: _Step, a, relevance, alpha: float, beta: float, padding: str | None = None):
     """LRP-αβ for a convolution whose input is non-negative (image in [0, 1] or a ReLU output)."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: loads TensorFlow (seconds); only LRP needs it
 
     kernel = tf.cast(step.layer.kernel, tf.float32)
     out = 0.0
@@ -234,19 +243,11 @@ def explain_slide(path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     the block, the confidence map of the network on that block, and its LRP relevance (red: for a
     nucleus at the centre, blue: against), scaled per block symmetrically around 0.
     """
-    from ..config import RunConfig
-    from ..errors import ModelError, ModelNotFoundError
-    from ..io.files import atomic_path
-    from ..detection.inference import Predictor
-    from ..io.slide import open_slide
-
     if n < 1:
         raise ValueError(f"n must be at least 1 (got {n})")
     if rule not in RULES:
         raise ValueError(f"unknown LRP rule {rule!r}; known: {', '.join(RULES)}")
     path = Path(path)
-    if model_path is not None and Path(model_path).suffix.lower() == ".tflite":
-        raise ModelError(f"{model_path}: LRP needs the network's float weights and gradients; give the .keras model it was made from")
     if model_path is not None and not Path(model_path).is_file():
         raise ModelNotFoundError(f"{model_path}: model file not found")
     cfg = RunConfig(model_path=str(model_path) if model_path else None, mpp=mpp).validate()
@@ -281,28 +282,19 @@ def _slide_colour(slide, cfg, predictor):
     the network is explained on the pixels it sees in a run."""
     if getattr(predictor, "colours", None) is None:
         return None
-    from ..detection.colour import slide_colour
-    from ..detection.tiling import SlideSampler
-
     return slide_colour(SlideSampler.for_slide(slide, cfg.model_mpp), predictor.colours)
 
 
 def _detect_sample_region(slide, cfg, predictor, region_px: int | None, seed: int, colour=None):
-    """Detections (level-0 x, y) in one random tissue region, or on the whole slide when it is small."""
-    from ..io.resample import map_coords
-    from ..detection.stitch import owned
-    from ..detection.tiling import SlideSampler
-    from ..detection.tissue import tissue_mask
-
+    """Detections (level-0 x, y) in one random tissue region, or on the whole slide when it is small; found by the
+    detection loop of a run either way (`loop.detect_region`, `loop.detect`), so explain and a run never disagree
+    on what was detected. Only the choice of the region is explain's."""
     sampler = SlideSampler.for_slide(slide, cfg.model_mpp)
     h, w = sampler.shape_hw()
     if region_px is None or max(h, w) <= region_px:
-        from ..detection.loop import detect  # the full pipeline (dask, stitching) only when it is used
-
         det = detect(slide, cfg, predictor).detections
         return np.asarray(det.x_px), np.asarray(det.y_px), None
-    geometry = getattr(predictor, "geometry", None) or {}
-    multiple = size_multiple(geometry)
+    multiple = size_multiple(predictor.geometry)
     side = max(BLOCK_PX, int(region_px) // multiple * multiple)
     mask = tissue_mask(sampler)
     ys, xs = np.nonzero(mask.mask)
@@ -314,24 +306,13 @@ def _detect_sample_region(slide, cfg, predictor, region_px: int | None, seed: in
         cy, cx = h / 2, w / 2
     y0 = int(np.clip(round(cy - side / 2), 0, max(0, h - side)))
     x0 = int(np.clip(round(cx - side / 2), 0, max(0, w - side)))
-    halo = cfg.halo_for(geometry)
-    tile = sampler.read(y0 - halo, x0 - halo, side + 2 * halo, side + 2 * halo)
-    if colour is not None:
-        tile = colour.apply(tile)
-    found = cfg.postprocessor()(predictor(tile[None])[0])
-    keep = owned(found.y, found.x, (halo, halo, halo + side, halo + side))
-    level0_mpp = slide.require_mpp()
-    x = map_coords(found.x[keep] - halo + x0, cfg.model_mpp, level0_mpp)
-    y = map_coords(found.y[keep] - halo + y0, cfg.model_mpp, level0_mpp)
-    return np.atleast_1d(x), np.atleast_1d(y), (y0, x0, side)
+    det = detect_region(slide, cfg, predictor, (y0, x0, side, side), colour)
+    return np.asarray(det.x_px), np.asarray(det.y_px), (y0, x0, side)
 
 
 def _explain_blocks(slide, model, x_px: np.ndarray, y_px: np.ndarray, rule: str, colour=None) -> list[ExplainedBlock]:
     """Cut the 64×64 blocks (0.5 µm/px) centred on the detections (colour-aligned as in a run, when the model
     asks for it), run the model and LRP on them."""
-    from ..io.resample import map_coords
-    from ..detection.tiling import SlideSampler
-
     sampler = SlideSampler.for_slide(slide, MODEL_MPP)
     level0_mpp = slide.require_mpp()
     half = BLOCK_PX // 2
@@ -350,8 +331,8 @@ def _explain_blocks(slide, model, x_px: np.ndarray, y_px: np.ndarray, rule: str,
 
 def _panel(blocks: list[ExplainedBlock], title: str, max_cols: int = 8):
     """Rows image / confidence / relevance per group of up to `max_cols` nuclei."""
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.figure import Figure
+    from matplotlib.cm import ScalarMappable  # lazy: matplotlib is slow to import; only the panel needs it
+    from matplotlib.figure import Figure  # lazy: as above
 
     n = len(blocks)
     cols = min(n, max_cols)

@@ -29,9 +29,10 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from scipy.spatial import cKDTree
 
-from .annotations import Points, label_centroids, read_label_map, read_labelled_points
+from ..io.annotations import Points, label_centroids, read_label_map, read_labelled_points
 from ..detection.classes import CLASSES
 from ..io.files import atomic_path
+from ..cohort.summary import SUMMARY_NAME
 
 __all__ = [
     "Score",
@@ -48,8 +49,6 @@ __all__ = [
     "read_predictions",
     "read_labelled_predictions",
     "prediction_class_index",
-    "detect_images",
-    "detections_of_images",
 ]
 
 TOTAL_ROW = "ALL (micro)"
@@ -262,7 +261,7 @@ def read_predictions(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
     The stem is used exactly as written, because wsiproc names each result after its input image.
     Score tables (`*_scores.csv`), the cohort table (`summary.csv`) and hidden temporary files in the folder
-    are skipped. A table holding many images (`image,x,y`) is read with `wsiproc.evaluate.annotations.read_points` instead.
+    are skipped. A table holding many images (`image,x,y`) is read with `wsiproc.io.annotations.read_points` instead.
     Classes as well: `read_labelled_predictions`.
     """
     return {name: points.xy for name, points in read_labelled_predictions(path).items()}
@@ -271,8 +270,6 @@ def read_predictions(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 def read_labelled_predictions(path: str | os.PathLike[str]) -> dict[str, Points]:
     """`read_predictions` with each nucleus' class: {image stem: `Points`}, `labels` the CSV's `class` column
     (names of `CLASSES`, which wsiproc writes for a model with a class head) or None for results without one."""
-    from ..cohort.summary import SUMMARY_NAME
-
     path = Path(path)
     if path.is_dir():
         files = sorted(
@@ -612,25 +609,3 @@ def _row(name: str, score: Score, decimals: int) -> list[str]:
 
 def _some(names: list[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
-
-
-def detect_images(images, predictor, cfg) -> dict[str, np.ndarray]:
-    """Nucleus centres (level-0 x, y) of annotated images (`datasets.AnnotatedImage`), through the same `detect`
-    as a run: what every accuracy figure of a model is computed from."""
-    return {name: det.xy for name, det in detections_of_images(images, predictor, cfg).items()}
-
-
-def detections_of_images(images, predictor, cfg) -> dict:
-    """`Detections` (centres, and class probabilities where the model has a class head and `cfg.classes`) of
-    annotated images, through the same `detect` as a run."""
-    from ..detection.loop import detect
-    from ..io.slide import open_slide
-
-    out = {}
-    for im in images:
-        slide = open_slide(im.path, mpp=im.mpp)
-        try:
-            out[im.name] = detect(slide, cfg, predictor).detections
-        finally:
-            slide.close()
-    return out

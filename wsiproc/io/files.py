@@ -8,6 +8,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+import glob
 
 
 @contextlib.contextmanager
@@ -64,8 +65,6 @@ def file_sha256(path: str | Path) -> str:
 def expand(spec: str, suffixes: set[str] | None = None) -> list[Path]:
     """A file, a folder (its files) or a glob pattern → sorted file list (only those ending in `suffixes`,
     where given; two-part suffixes such as `.geojson.gz` count)."""
-    import glob
-
     path = Path(spec)
     if path.is_dir():
         files = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SlideError, problem
+from PIL import Image
 
 __all__ = ["PLAIN_IMAGE_SUFFIXES", "Slide", "SlideError", "cached_slide", "open_slide"]
 
@@ -83,8 +84,6 @@ class Slide:
             region = np.asarray(self._read_openslide(location, level, (width, height)))
         rgb = _to_rgb(region)
         if self.ycbcr_labelled_rgb:
-            from PIL import Image
-
             rgb = np.asarray(Image.fromarray(rgb, mode="YCbCr").convert("RGB"))
         return rgb
 
@@ -96,7 +95,7 @@ class Slide:
         handle of its own, so a failure there is this region's own (it is raised); a success replaces the
         broken shared handle for every later read.
         """
-        import openslide
+        import openslide  # lazy: loads the OpenSlide C library; only files OpenSlide reads need it
 
         handle = self._handle
         try:
@@ -198,7 +197,7 @@ def _probe(slide: Slide) -> None:
 
 
 def _open_openslide(path: Path) -> Slide | None:
-    import openslide
+    import openslide  # lazy: loads the OpenSlide C library; only files OpenSlide reads need it
 
     if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"}:
         return None
@@ -226,7 +225,7 @@ def _dicom_jfif_labelled_rgb(path: Path, props: dict[str, str]) -> bool:
 
 
 def _open_tiffslide(path: Path) -> Slide | None:
-    import tiffslide
+    import tiffslide  # lazy: only TIFF flavours OpenSlide refuses need it
 
     if path.suffix.lower() not in {".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff", ".btf"}:
         return None
@@ -240,8 +239,6 @@ def _open_tiffslide(path: Path) -> Slide | None:
 
 
 def _open_image(path: Path) -> Slide | None:
-    from PIL import Image
-
     if path.suffix.lower() not in PLAIN_IMAGE_SUFFIXES:
         return None
     with Image.open(path) as img:

@@ -17,9 +17,14 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import UsageError
-from ..evaluate.annotations import image_key, read_labelled_points, read_regions
+from ..io.annotations import image_key, read_labelled_points, read_regions
 from ..io.files import expand
 from ..io.slide import PLAIN_IMAGE_SUFFIXES, open_slide
+from shapely.geometry import box
+from . import datasets
+import yaml
+import shapely
+from shapely.ops import unary_union
 
 #: Points may sit this far (level-0 px) outside the image before they are called out of bounds: annotation tools
 #: put a point on a pixel's edge or corner, which lies up to a pixel outside the last pixel centre.
@@ -53,8 +58,6 @@ class LabImage:
         xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
         if not self.regions:
             return np.ones(len(xy), dtype=bool)
-        import shapely
-        from shapely.ops import unary_union
 
         return shapely.contains_xy(unary_union(list(self.regions)), xy[:, 0], xy[:, 1])
 
@@ -137,8 +140,6 @@ def lab_images(image_files: Iterable[Path], annotations: Annotations, mpp: float
             raise UsageError(f"{path}: {int(outside.sum())} of {len(pts)} annotated points fall outside the image "
                              f"({w} × {h} px), e.g. ({x:.0f}, {y:.0f}): are they this image's, in level-0 pixels?")
         if regions:
-            from shapely.geometry import box
-
             if sum(r.intersection(box(-0.5, -0.5, w - 0.5, h - 0.5)).area for r in regions) <= 0:
                 raise UsageError(f"{path}: its annotated regions lie outside the image ({w} × {h} px)")
         out.append(LabImage(key, path, mpp, pts, regions, annotations.labels.get(key)))
@@ -188,8 +189,6 @@ def lab_domain(name: str, images_spec: str, points_spec: str, mpp: float, held_o
 
 def builtin_domain(name: str, data_root: str | Path) -> Domain:
     """One of the annotated data sets the shipped model was trained on, with its split fixed in code."""
-    from . import datasets
-
     if name not in datasets.DOMAINS:
         raise UsageError(f"unknown data set {name!r}; known: {', '.join(datasets.DOMAINS)}")
     root = Path(data_root)
@@ -210,8 +209,6 @@ def load_domains(path: str | Path, data_root: str | Path | None = None) -> list[
           - dataset: monuseg         # or a built-in data set with its fixed split
             data: ../shared/data     # its root (default: --data)
     """
-    import yaml
-
     path = Path(path)
     try:
         spec = yaml.safe_load(path.read_text())

@@ -31,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..detection.colour import ColourStats, DomainColours, affine_onto, sample_tiles  # noqa: F401 (re-exported)
+from ..detection.colour import ColourStats, DomainColours, affine_onto  # noqa: F401 (re-exported)
+from ..detection.model_files import ModelFiles
+from ..io.files import atomic_write_text
 
 #: Candidate peaks below this confidence are not counted: they are the map's noise floor in every domain.
 PEAK_FLOOR = 0.1
@@ -59,8 +61,6 @@ class Reference:
         return min(values), max(values)
 
     def save(self, path: str | Path) -> Path:
-        from ..io.files import atomic_write_text
-
         return atomic_write_text(Path(path), json.dumps(asdict(self), indent=1))
 
     @classmethod
@@ -72,8 +72,8 @@ class Reference:
 
     @staticmethod
     def beside(model_path: str | Path) -> Path:
-        p = Path(model_path)
-        return p.with_name(p.stem + ".reference.json")
+        """`<model>.reference.json` beside the model (`ModelFiles.reference`)."""
+        return ModelFiles.of(model_path).reference
 
 
 def colour_transform(cohort: ColourStats, reference: Reference) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +105,7 @@ def recalibrated_threshold(peaks: np.ndarray, reference: Reference) -> tuple[flo
 
 
 def _first_convolution(model):
-    import keras
+    import keras  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     for layer in model.layers:
         if isinstance(layer, keras.layers.Conv2D):

@@ -14,7 +14,9 @@ from typing import Sequence
 import numpy as np
 
 from ..config import RunConfig
-from ..evaluate.scoring import Score, detect_images, evaluate_sets
+from ..detection.images import detect_images, detections_of_images
+from ..evaluate.scoring import Score, evaluate_class_sets, evaluate_sets
+from ..detection.inference import Predictor
 
 RADIUS_UM = 5.0
 
@@ -59,8 +61,6 @@ def held_out_score(images: Sequence, predictor, radius_um: float = RADIUS_UM) ->
 
 def check(domains: Sequence, models: dict[str, Path], radius_um: float = RADIUS_UM) -> list[DomainCheck]:
     """Each domain with held-out images, scored with every model of `models` ({label: model file})."""
-    from ..detection.inference import Predictor
-
     predictors = {label: Predictor(path) for label, path in models.items()}
     out = []
     for domain in domains:
@@ -114,9 +114,6 @@ class ClassCheck:
 def class_check(domains: Sequence, models: dict[str, Path], class_map, radius_um: float = CLASS_RADIUS_UM) -> list[ClassCheck]:
     """Each domain whose held-out images carry class labels, scored with every model of `models` that has a
     class head (HoVer-Net's protocol: `evaluate.scoring.score_classes` within `radius_um`)."""
-    from ..detection.inference import Predictor
-    from ..evaluate.scoring import detections_of_images, evaluate_class_sets
-
     predictors = {label: p for label, path in models.items() if (p := Predictor(path)).classes}
     out = []
     for domain in domains:

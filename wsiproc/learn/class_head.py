@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,6 +23,11 @@ import numpy as np
 
 from ..detection.classes import CLASSES
 from ..detection.model import MODEL_MPP
+from ..detection.model_files import ModelFiles
+from .augment import stain_jitter
+from ..detection.architectures import CLASS_HEAD_ANCHORS, CLASS_HEAD_LAYERS, _receptive_walk, attach_class_head, class_head_anchor
+from ..io.files import atomic_path
+from ..io.resample import map_coords, rescale_rgb
 
 #: White margin (model px) around an image when its features are computed: what a run's tile halo holds
 #: beyond a slide's edge (glass), so features at the border look as they will at inference.
@@ -41,8 +46,6 @@ class LabelledImage:
     @classmethod
     def from_level0(cls, name: str, rgb: np.ndarray, points_xy: np.ndarray, class_index: np.ndarray,
                     mpp: float) -> "LabelledImage":
-        from ..io.resample import map_coords, rescale_rgb
-
         pts = np.asarray(points_xy, np.float64).reshape(-1, 2)
         small = rescale_rgb(np.asarray(rgb)[..., :3], mpp, MODEL_MPP)
         return cls(name, np.ascontiguousarray(small), map_coords(pts, mpp, MODEL_MPP), np.asarray(class_index, np.int64))
@@ -54,7 +57,7 @@ class HeadRecipe:
     validation split judged it, never the test images the model card reports)."""
 
     views: int = 4  # dihedral views per image; views after the first are also stain-jittered
-    stain_sigma: float = 0.05  # HED jitter of the extra views (`training.stain_jitter`)
+    stain_sigma: float = 0.05  # HED jitter of the extra views (`augment.stain_jitter`)
     epochs: int = 20
     batch_size: int = 1024
     learning_rate: float = 2e-3
@@ -64,8 +67,6 @@ class HeadRecipe:
     seed: int = 0
 
     def replace(self, **changes) -> "HeadRecipe":
-        from dataclasses import replace
-
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
@@ -107,9 +108,7 @@ class Examples:
 def feature_model(model):
     """The trunk up to what the class head reads (`architectures.CLASS_HEAD_ANCHORS`), and the factor between
     its grid and the input's."""
-    import keras
-
-    from ..detection.architectures import CLASS_HEAD_ANCHORS, _receptive_walk, class_head_anchor
+    import keras  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     anchor = class_head_anchor(model) or model.get_layer(CLASS_HEAD_ANCHORS.get(model.name, ""))
     factor = int(round(_receptive_walk(model)[id(anchor)][1]))
@@ -134,8 +133,6 @@ def image_examples(forward: Callable[[np.ndarray], np.ndarray], factor: int, ima
                    stain_sigma: float, rng: np.random.Generator) -> Examples:
     """Trunk features around each labelled point of one image, in `views` views (`forward`: float [0, 1]
     (1, H, W, 3) → (1, H/f, W/f, C))."""
-    from .training import stain_jitter
-
     keep = image.class_index >= 0
     xy, labels = image.points_xy[keep], image.class_index[keep]
     h, w = image.rgb.shape[:2]
@@ -165,7 +162,7 @@ def image_examples(forward: Callable[[np.ndarray], np.ndarray], factor: int, ima
 def collect_examples(model, images: Sequence[LabelledImage], recipe: HeadRecipe = HeadRecipe(),
                      cache_dir: str | Path | None = None, progress: Callable[[int, int], None] | None = None) -> Examples:
     """Cached features of every image (`cache_dir`: one .npz per image and recipe, reused when rerun)."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: seconds to import; the OpenVINO path never needs it
 
     fmodel, factor = feature_model(model)
 
@@ -197,8 +194,8 @@ def collect_examples(model, images: Sequence[LabelledImage], recipe: HeadRecipe 
 def head_for_examples(channels: int, recipe: HeadRecipe):
     """The class head as a model on (3, 3, C) feature patches: the same layers (names, shapes) as
     `architectures.attach_class_head`, with 'valid' padding so one patch gives one prediction."""
-    import keras
-    from keras import layers
+    import keras  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
+    from keras import layers  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     inputs = keras.Input((3, 3, channels), name="features")
     x = layers.Dropout(recipe.feature_dropout, name="feature_dropout")(inputs) if recipe.feature_dropout else inputs
@@ -225,7 +222,7 @@ class HeadResult:
 def train_head(train: Examples, recipe: HeadRecipe = HeadRecipe(), val: Examples | None = None,
                echo: Callable[[str], None] | None = None):
     """(head model on patches, HeadResult): Adam on cross-entropy, the learning rate cosine-decayed to zero."""
-    import keras
+    import keras  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     if len(train) == 0:
         raise ValueError("no class-labelled points to train the class head on")
@@ -257,8 +254,6 @@ def train_head(train: Examples, recipe: HeadRecipe = HeadRecipe(), val: Examples
 def with_trained_head(model, head):
     """The detector with the trained head attached (`attach_class_head`, weights copied by layer name); `head`
     may also be another model that carries a class head (`trainer.carry_class_head`)."""
-    from ..detection.architectures import CLASS_HEAD_LAYERS, attach_class_head
-
     width = head.get_layer("class_conv").filters
     out = attach_class_head(model, len(CLASSES), width=width)
     for name in CLASS_HEAD_LAYERS:
@@ -268,9 +263,7 @@ def with_trained_head(model, head):
 
 def write_provenance(model_path: str | Path, record: dict) -> Path:
     """`<model>.classes.json`: the head's recipe, data and result, beside the model it belongs to."""
-    from ..io.files import atomic_path
-
-    path = Path(model_path).with_suffix(".classes.json")
+    path = ModelFiles.of(model_path).class_head
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     return path

@@ -8,7 +8,7 @@
 | ``consep`` | CoNSeP train, 27 dense colorectal images | 0.5 | every fourth image (train_4, train_8, … train_24) |
 
 `domain(name, root, split)` returns `AnnotatedImage`s with `split` in 'train', 'held_out' or 'all'; training
-samples every domain's 'train' part equally so that no domain dominates (see `training.DomainSampler`).
+samples every domain's 'train' part equally so that no domain dominates (see `sampling.DomainSampler`).
 
 brca and consep label every point with a nucleus type (`AnnotatedImage.labels`, the data sets' own names:
 `lymphocyte`, `tumor_epithelial`, `stromal`; `inflammatory`, `epithelial`, `spindle_other`), which
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..evaluate.annotations import Points, read_labelled_points
+from ..io.annotations import Points, read_labelled_points
 
 MONUSEG_MPP = 0.25
 CRC_MPP = 0.55

@@ -20,12 +20,15 @@ from typing import Callable, Sequence
 
 from ..io.files import atomic_write_text, file_sha256
 from .annotated import Domain
-from ..detection.architectures import CLASS_HEAD_ANCHORS
+from ..detection.architectures import CLASS_HEAD_ANCHORS, has_class_head, without_class_head
 from ..detection.classes import CLASSES, ClassMap
+from ..detection.model_files import ModelFiles
 from .check import CLASS_RADIUS_UM, DomainCheck, check, class_check, format_check, format_class_check
 from .class_head import HeadRecipe, LabelledImage, collect_examples, train_head, with_trained_head
 from .trainer import ProgressFn, Recipe, Start, fit
-from .training import BlockSampler, DomainSampler, TrainConfig, TrainingImage
+from .sampling import BlockSampler, DomainSampler
+from .training import TrainConfig, TrainingImage
+from ..detection.model import load_model, save_model
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,8 @@ class TrainResult:
 
 
 def provenance_path(model_path: str | Path) -> Path:
-    """`<model>.json` beside the model, the convention `wsiproc adapt` uses too."""
-    return Path(model_path).with_suffix(".json")
+    """`<model>.json` beside the model, the convention `wsiproc adapt` uses too (`ModelFiles.provenance`)."""
+    return ModelFiles.of(model_path).provenance
 
 
 def training_images(domain: Domain) -> list[TrainingImage]:
@@ -110,8 +113,6 @@ def _class_head_of(path: Path | None):
     """The class head's layers of a model file, or None (no file, or a detector alone)."""
     if path is None:
         return None
-    from ..detection.architectures import has_class_head
-    from ..detection.model import load_model
 
     model = load_model(path)
     return model if has_class_head(model) else None
@@ -119,9 +120,6 @@ def _class_head_of(path: Path | None):
 
 def _class_anchor(path: Path) -> tuple[bool, str]:
     """(whether the network at `path` has a place for a class head, its architecture name)."""
-    from ..detection.architectures import has_class_head
-    from ..detection.model import load_model
-
     model = load_model(path)
     return has_class_head(model) or model.name in CLASS_HEAD_ANCHORS, model.name
 
@@ -130,9 +128,6 @@ def train_classes(domains: Sequence[Domain], trunk_path: Path, out_path: Path, r
                   work_dir: Path, echo: Callable[[str], None] = print) -> dict:
     """Train a class head on the frozen trunk of `trunk_path` from the domains' class labels; save the detector
     with it at `out_path`; return what the record says about it. Trunk features are cached in `work_dir`."""
-    from ..detection.architectures import without_class_head
-    from ..detection.model import load_model, save_model
-
     images = labelled_images(domains, class_map)
     if not images:
         raise ValueError("no training image carries class labels that map to the model's classes "

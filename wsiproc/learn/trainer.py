@@ -3,7 +3,7 @@
 A recipe (`Recipe`) says what is trained and how: crop size, batch, disk radius, learning rate and its decay,
 the budget (steps or minutes) and which layers learn. A batch source says on what: any object with
 `batch(epoch, index)` (images, targets and optionally per-pixel weights) and `default_steps_per_epoch()`:
-`training.DomainSampler` (annotated domains, the shipped recipe), `training.BlockSampler` (the paper's blocks)
+`sampling.DomainSampler` (annotated domains, the shipped recipe), `sampling.BlockSampler` (the paper's blocks)
 and the pseudo-labelled blocks of `wsiproc adapt`.
 
 Why step-based and checkpointed by time: a CPU step of the paper network takes seconds, so a run is minutes to
@@ -31,7 +31,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .training import AugmentConfig, BlockSampler, BlockSource, TrainConfig, TrainingImage
+from .augment import AugmentConfig
+from .sampling import BlockSampler, BlockSource
+from .training import TrainConfig, TrainingImage
+from ..detection.model import build_model, load_model, save_model, with_dtype, with_policy
+from ..detection.architectures import has_class_head, without_class_head
+from .class_head import with_trained_head
+from tqdm import tqdm
+import multiprocessing as mp
 
 #: Layer groups a recipe can train: everything, or everything after the VGG stem (blocks 1–2 kept fixed; networks
 #: without one train everything).
@@ -114,11 +121,11 @@ def training_policy(precision: str = "auto") -> str:
         return "float32"
     if precision == "bfloat16":
         return "mixed_bfloat16"
-    import keras
+    import keras  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     if keras.backend.backend() != "tensorflow" or not cpu_has_bfloat16():
         return "float32"
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: seconds to import; the OpenVINO path never needs it
 
     return "float32" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
 
@@ -139,11 +146,7 @@ class Start:
 
 
 def _initial_model(start: Start, policy: str):
-    from ..detection.model import build_model, load_model, with_policy
-
     if start.init_model is not None:
-        from ..detection.architectures import without_class_head
-
         # The detector alone: its loss is on the confidence map; a class head is trained (or carried over) after
         # the trunk, by `train_domains` (`class_head`).
         model = without_class_head(load_model(start.init_model))
@@ -166,7 +169,7 @@ def _set_trainable(model, trainable: str) -> str:
 
 
 def _compile(model, learning_rate: float) -> None:
-    import keras
+    import keras  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     model.compile(optimizer=keras.optimizers.Adam(learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-8),
                   loss="binary_crossentropy")
@@ -181,8 +184,6 @@ class _Prefetch:
         self.pool = None
         self.step = first_step
         if workers > 0:
-            import multiprocessing as mp
-
             self.pool = mp.get_context("spawn").Pool(workers, _init_worker, (source,))
             self.pending: list = []
             self.depth = max(depth, 2 * workers)
@@ -251,9 +252,7 @@ def fit(source: BlockSource, out_path: str | Path, recipe: Recipe, work_dir: str
     the source's own for seeding, every 50 steps for the history). `progress(step, total_steps, loss, elapsed_s, remaining_s)` hears of every step.
     Returns `{"step", "seconds", "history": [{"step", "loss", "learning_rate", "seconds"}], "recipe", ...}`.
     """
-    import keras
-
-    from ..detection.model import save_model, with_dtype
+    import keras  # lazy: loads TensorFlow (seconds); the OpenVINO path never needs it
 
     out_path, work_dir = Path(out_path), Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -342,9 +341,6 @@ def carry_class_head(init_model: Path | None, model):
     detector (own-lab fine-tuning, adaptation) must not silently drop the nucleus types a run reports."""
     if init_model is None:
         return model
-    from ..detection.architectures import has_class_head
-    from ..detection.model import load_model
-    from .class_head import with_trained_head
 
     source = load_model(init_model)
     return with_trained_head(model, source) if has_class_head(source) else model
@@ -352,8 +348,6 @@ def carry_class_head(init_model: Path | None, model):
 
 def step_progress(label: str, stream=sys.stderr) -> tuple[ProgressFn, Callable[[], None]]:
     """A progress bar (step, loss, time left) on a terminal, a line every 30 s otherwise; and its closer."""
-    from tqdm import tqdm
-
     interactive = stream.isatty()
     holder: dict = {"bar": None, "last": 0.0}
 

@@ -31,6 +31,7 @@ from ..detection.classes import CLASSES, QUPATH_CLASSES
 from ..detection.detections import Detections
 from ..io.files import atomic_path
 from .record import class_figures, write_run_record
+from .qc import write_qc_png
 
 if TYPE_CHECKING:
     from .qc import QcSlide
@@ -399,7 +400,6 @@ def write_outputs(
         write_density_tiff(paths[f"density_tiff_{name}"], class_density, cell_um, mpp, nucleus_class=name)
     if qc is not None:
         paths = {**{k: v for k, v in paths.items() if k != "record"}, "qc_png": out / f"{stem}_qc.png", "record": paths["record"]}
-        from .qc import write_qc_png
 
         write_qc_png(paths["qc_png"], qc.sampler, qc.mask, det, density, mpp, cell_um)
 

@@ -202,7 +202,7 @@ def _zoom(sampler: SlideSampler, crop: QCCrop, level0_mpp: float) -> tuple[np.nd
 def _draw_thumbnail(ax, thumb: np.ndarray, slide_extent, mask: TissueMask | None, crop: QCCrop, small: float) -> None:
     """(a) thumbnail + tissue outline. The mask is padded with background so tissue touching the slide's edge
     still gets a closed outline."""
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Rectangle  # lazy: half a second to import; only pictures need it
 
     th, tw = thumb.shape[:2]
     ax.imshow(thumb, extent=slide_extent, interpolation="lanczos" if max(th, tw) < 300 else "antialiased")
@@ -219,7 +219,7 @@ def _draw_thumbnail(ax, thumb: np.ndarray, slide_extent, mask: TissueMask | None
 def _draw_density(fig, ax, thumb: np.ndarray, slide_extent, d: np.ndarray, cell_um: float, crop: QCCrop, n_nuclei: int,
                   small: float) -> None:
     """(b) density over a pale grey thumbnail; empty cells stay transparent so the tissue shows through."""
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Rectangle  # lazy: half a second to import; only pictures need it
 
     grey = thumb.astype(np.float32).mean(axis=2)
     ax.imshow(grey, cmap="gray", vmin=0, vmax=255, extent=slide_extent, alpha=0.5)
@@ -245,7 +245,7 @@ def _draw_zoom(ax, crop_rgb: np.ndarray, crop_extent, crop: QCCrop, crop_mpp: fl
                small: float) -> None:
     """(c) the crop with every detected centroid circled (in µm, so circles have a physical size); with classes
     in its class' colour, and a legend below the crop."""
-    from matplotlib.collections import EllipseCollection
+    from matplotlib.collections import EllipseCollection  # lazy: half a second to import; only pictures need it
 
     ax.imshow(crop_rgb, extent=crop_extent, interpolation="antialiased")
     x_um = (np.asarray(det.x_px, dtype=np.float64) + 0.5) * level0_mpp
@@ -280,7 +280,7 @@ def class_legend_labels(winners: np.ndarray, inside: np.ndarray) -> list[str]:
 
 def _class_legend(ax, winners: np.ndarray, inside: np.ndarray, small: float) -> None:
     """The classes' colours and counts under the zoom (outside the crop, so no nucleus is hidden)."""
-    from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D  # lazy: half a second to import; only pictures need it
 
     handles = [Line2D([], [], linestyle="none", marker="o", markersize=7, markerfacecolor="none", markeredgewidth=1.5,
                       markeredgecolor=CLASS_COLOURS_HEX[name], label=label)

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..io.files import atomic_write_text
+from ..detection.model import MODEL_MPP
+from ..detection.tiling import SlideSampler
+from ..detection.tissue import tissue_mask
 
 if TYPE_CHECKING:
-    from ..config import RunConfig
     from ..detection.loop import SlideDetections
     from ..io.slide import Slide
 
@@ -41,14 +43,15 @@ class RunRecord:
     classes: dict | None = None  # class_figures; None (and no "classes" key in the file) without classes
 
     @classmethod
-    def of(cls, slide: Slide, predictor, cfg: RunConfig, result: SlideDetections, extra_input: dict | None = None) -> "RunRecord":
+    def of(cls, slide: Slide, predictor, parameters: dict, result: SlideDetections, extra_input: dict | None = None) -> "RunRecord":
+        """The record of one run; `parameters` is every run parameter (`RunConfig.to_dict()`, a layer above)."""
         record = cls(
             input={**slide_summary(slide), **(extra_input or {})},
             model={"path": str(predictor.model_path), "sha256": predictor.sha256, "device": predictor.device,
                    "precision": getattr(predictor, "precision", "float32"),
                    **({"colours_sha256": predictor.colours_sha256} if getattr(predictor, "colours_sha256", None) else {})},
             engine=engine_record(predictor),
-            parameters=cfg.to_dict(),
+            parameters=dict(parameters),
             mpp_used=slide.require_mpp(),
             tiles=dict(result.tiles), timings_s=dict(result.timings_s), stats=dict(result.figures),
             warnings=list(result.warnings), nuclei=len(result.detections),
@@ -136,10 +139,6 @@ def slide_summary(slide: Slide) -> dict:
 
 def slide_info(slide: Slide) -> dict:
     """What `wsiproc info` shows: `slide_summary`, the pyramid, and the tissue fraction (None without a pixel size)."""
-    from ..detection.model import MODEL_MPP
-    from ..detection.tiling import SlideSampler
-    from ..detection.tissue import tissue_mask
-
     info = slide_summary(slide)
     info["level_dimensions"] = [list(d) for d in slide.level_dimensions]
     info["level_downsamples"] = [round(d, 4) for d in slide.level_downsamples]

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
 from shapely import make_valid
 from shapely.errors import GEOSException
 from shapely.geometry import Polygon, shape
@@ -182,15 +184,11 @@ def read_label_map(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
         try:
             array = tifffile.imread(path)
         except Exception as exc:  # tifffile raises several types for broken files
             raise ValueError(f"{path}: cannot read as TIFF: {exc}") from exc
     else:
-        from PIL import Image, UnidentifiedImageError
-
         try:
             with Image.open(path) as img:
                 if img.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "PA", "LA"):

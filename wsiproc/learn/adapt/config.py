@@ -1,0 +1,62 @@
+"""What an adaptation does: the recipe (`RECIPES`) and every parameter of it (`AdaptConfig`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..training import TrainConfig
+from .views import VIEWS
+
+RECIPES = ("calibrate", "consistency", "paper")
+
+
+@dataclass
+class AdaptConfig:
+    recipe: str = "calibrate"  # calibrate | consistency (calibrate, then pseudo-label fine-tuning) | paper (§UDA)
+    align: bool = True  # consistency: calibrate first (wsiproc.learn.calibrate)
+    colour: bool = False  # calibration also aligns the cohort's colours (measured: helps one lab, hurts others)
+    slide_colours: bool = True  # calibration: a cohort judged foreign gets per-slide colour alignment (detection.colour)
+    calibration_tiles: int = 8  # tiles per slide sampled for the cohort's colour and confidence statistics
+    high: float = 0.8
+    low: float = 0.5
+    views: int = 4  # consistency: test-time views averaged and required to agree (1..4)
+    ignore_below: float = 0.3  # consistency: candidates from here up to `low` are unsure, not background
+    random_fraction: float = 0.33  # consistency: share of blocks at random tissue positions
+    block_px: int = 64
+    max_blocks: int = 20000
+    per_slide_cap: int | None = None  # None: max_blocks spread evenly over the cohort
+    epochs: int = 2
+    steps_per_epoch: int | None = None  # None: one pass over the mined blocks per epoch
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    seed: int = 0
+    disk_radius_px: int = TrainConfig.disk_radius_px  # targets as in training: one disk per nucleus
+
+    def validate(self) -> "AdaptConfig":
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)} (got {self.recipe!r})")
+        if not 0 < self.low <= self.high < 1:
+            raise ValueError(f"thresholds must satisfy 0 < low <= high < 1 (got low {self.low}, high {self.high})")
+        if not 0 < self.ignore_below <= self.low:
+            raise ValueError(f"ignore_below must satisfy 0 < ignore_below <= low (got {self.ignore_below})")
+        if not 1 <= self.views <= len(VIEWS):
+            raise ValueError(f"views must be 1..{len(VIEWS)} (got {self.views})")
+        if not 0 <= self.random_fraction <= 1:
+            raise ValueError(f"random_fraction must be in [0, 1] (got {self.random_fraction})")
+        if self.block_px % 4 or self.block_px < 16 or self.block_px > 64:
+            raise ValueError(f"block_px must be a multiple of 4 in 16..64 (the tile halo is 32 px), got {self.block_px}")
+        if self.max_blocks < 1:
+            raise ValueError(f"max_blocks must be >= 1 (got {self.max_blocks})")
+        if self.calibration_tiles < 1:
+            raise ValueError(f"calibration_tiles must be >= 1 (got {self.calibration_tiles})")
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0 (0: calibration only, no fine-tuning; got {self.epochs})")
+        return self
+
+    @property
+    def aligns(self) -> bool:
+        """The paper's recipe stays the paper's: no calibration before it."""
+        return self.recipe == "calibrate" or (self.align and self.recipe != "paper")
+
+    @property
+    def fine_tunes(self) -> bool:
+        return self.recipe != "calibrate" and self.epochs > 0
