@@ -73,7 +73,7 @@ def test_adapt_yaml_holds_every_adapt_parameter_with_the_papers_values() -> None
     ("DetectionParams", {"postprocess": "blobs"}, "postprocess must be one of peaks, components (got 'blobs')"),
     ("DetectionParams", {"mpp": 250.0}, "mpp must be a pixel size in µm/px (got 250.0)"),
     ("EngineParams", {"precision": "int4"}, "precision must be auto, float32, bfloat16, int8 or mixed_float16 (got 'int4')"),
-    ("EngineParams", {"engine": "onnx"}, "engine must be auto, openvino or tensorflow (got 'onnx')"),
+    ("EngineParams", {"engine": "onnx"}, "engine must be auto, openvino, tensorflow or keras (got 'onnx')"),
     ("OutputParams", {"density_cell_um": 0}, "density_cell_um must be > 0 (got 0)"),
 ])
 def test_each_part_checks_itself_when_made_and_is_frozen(part: str, values: dict, message: str) -> None:
@@ -125,7 +125,7 @@ def test_resume_compares_the_fields_marked_as_changing_the_output() -> None:
     assert set(OUTPUT_PARAMETERS) == marked
     assert marked == {"model_mpp", "mpp", "tile_px", "halo_px", "threshold", "postprocess", "min_distance_um", "smooth_sigma_um",
                       "merge_radius_um", "tissue_mask", "density_cell_um", "geojson_gz", "precision", "engine", "classes"}
-    assert RunConfig.field_names() - marked == {"model_path", "batch_size", "io_workers", "strict"}
+    assert RunConfig.field_names() - marked == {"model_path", "batch_size", "io_workers", "strict", "border_quarters"}
 
 
 def test_wsiproc_run_has_an_option_for_each_field_marked_as_one() -> None:
@@ -140,4 +140,4 @@ def test_wsiproc_run_has_an_option_for_each_field_marked_as_one() -> None:
         assert (flag in flags) == f.metadata[OPTION], f.name
     assert {"--model", "--no-tissue-mask", "--no-classes", "--strict", "--geojson-gz", "--tile-px", "--mpp"} <= flags
     defaults = {p.name: p.default for p in run.params}
-    assert (defaults["tile_px"], defaults["threshold"], defaults["density_cell_um"]) == (512, 0.5, 50.0)
+    assert (defaults["tile_px"], defaults["threshold"], defaults["density_cell_um"]) == (1024, 0.5, 50.0)

@@ -78,6 +78,56 @@ def plan_tiles(sampler: SlideSampler, cfg: DetectionParams, geometry: dict | Non
     return grid, tiles, info, mask
 
 
+def quarter_grid(grid: TileGrid) -> TileGrid | None:
+    """The grid of quarter tiles (half the side, the same halo) over the same image, aligned with `grid`: tile
+    (r, c) of `grid` is quarters (2r, 2c) … (2r + 1, 2c + 1). None where half a tile is not a whole number of the
+    model's size multiple, or the image is a single tile."""
+    half = grid.tile_px // 2
+    if grid.tile_px % 2 or half % grid.multiple_px or len(grid) == 1:
+        return None
+    return TileGrid(grid.height_px, grid.width_px, half, grid.halo_px, grid.multiple_px)
+
+
+#: How many times a tile at the tissue's border may be split into quarters (1 024 → 512 → 256 px by default).
+SPLIT_LEVELS = 2
+
+
+def split_at_tissue_border(grid: TileGrid, tiles: Sequence[Tile], mask: TissueMask, grid_mpp: float,
+                           levels: int = SPLIT_LEVELS) -> list[tuple[TileGrid, list[Tile]]]:
+    """The plan that computes tissue rather than tiles: [(grid, its tiles)], level 0 the run's grid, then the
+    quarter grid, its quarter grid, …; every planned tile is computed once, whole or as some of its quarters.
+
+    A tile at the tissue's border that holds only a sliver of tissue costs a whole tile's network time, and the
+    network's time goes with the pixels it sees (tile and halo). Where the quarters of a planned tile that touch
+    tissue (grown by the halo, as `tiles_touching` grows every tile), each planned the same way in turn, cost
+    fewer pixels than the tile with its halo, only those quarters are computed: each with the same halo, so it
+    sees what the whole tile would have seen around its core, and the output stays the untiled one (the core
+    rule and the seam merge treat quarters as tiles of their own). Interior tiles stay whole: four quarters cost
+    more than one tile, because each carries its own halo.
+    """
+    grids = [grid]
+    while len(grids) <= levels and (finer := quarter_grid(grids[-1])) is not None:
+        grids.append(finer)
+    touching = [set()] + [set(mask.tiles_touching(g, grid_mpp)) for g in grids[1:]]
+
+    def best(level: int, rc: Tile) -> tuple[int, list[tuple[int, Tile]]]:
+        whole = grids[level].block_px ** 2
+        if level + 1 == len(grids):
+            return whole, [(level, rc)]
+        finer = grids[level + 1]
+        r, c = rc
+        parts = [best(level + 1, q) for q in ((qr, qc) for qr in (2 * r, 2 * r + 1) for qc in (2 * c, 2 * c + 1))
+                 if q[0] < finer.rows and q[1] < finer.cols and q in touching[level + 1]]
+        split = sum(cost for cost, _ in parts)
+        return (split, [t for _, planned in parts for t in planned]) if split < whole else (whole, [(level, rc)])
+
+    plan: list[list[Tile]] = [[] for _ in grids]
+    for rc in tiles:
+        for level, t in best(0, rc)[1]:
+            plan[level].append(t)
+    return [(g, sorted(p) if level else p) for level, (g, p) in enumerate(zip(grids, plan))]
+
+
 def sample_tiles(n_tiles: int, k: int, seed: int) -> list[int]:
     """Indices of up to `k` tiles of a slide, drawn without replacement (all when it has no more)."""
     if n_tiles <= k:
@@ -181,4 +231,4 @@ def _tile_batch(batch: list[Tile], reads: list[tuple[np.ndarray | None, dict | N
 
 
 __all__ = ["SMALL_IMAGE_FACTOR", "Tile", "TileBatch", "batched", "every_tile", "iter_tile_batches",
-           "plan_tiles", "sample_tiles", "tile_grid"]
+           "plan_tiles", "quarter_grid", "sample_tiles", "SPLIT_LEVELS", "split_at_tissue_border", "tile_grid"]
