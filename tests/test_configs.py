@@ -73,7 +73,7 @@ def test_adapt_yaml_holds_every_adapt_parameter_with_the_papers_values() -> None
     ("DetectionParams", {"postprocess": "blobs"}, "postprocess must be one of peaks, components (got 'blobs')"),
     ("DetectionParams", {"mpp": 250.0}, "mpp must be a pixel size in µm/px (got 250.0)"),
     ("EngineParams", {"precision": "int4"}, "precision must be auto, float32, bfloat16, int8 or mixed_float16 (got 'int4')"),
-    ("EngineParams", {"engine": "onnx"}, "engine must be auto, openvino, tensorflow or keras (got 'onnx')"),
+    ("EngineParams", {"engine": "onnx"}, "engine must be auto, openvino or tensorflow (got 'onnx')"),
     ("OutputParams", {"density_cell_um": 0}, "density_cell_um must be > 0 (got 0)"),
 ])
 def test_each_part_checks_itself_when_made_and_is_frozen(part: str, values: dict, message: str) -> None:
