@@ -5,6 +5,9 @@
     python benchmarks/adaptation.py --target brca --base runs/loo/breast/model.keras --recipes paper,consistency
     # "just in case": adapting the shipped model on one of its own training domains must not hurt it
     python benchmarks/adaptation.py --target crc --base default --recipes consistency
+    # an annotated cohort outside the built-in domains (adapted on, labels unused, then scored on itself)
+    python benchmarks/adaptation.py --cohort '../shared/data/slides/monusac/*.svs' --mpp 0.1945 \
+        --truth ../shared/data/slides/monusac/centroids_from_xml.csv --label monusac --base default --recipes calibrate
 
 Protocol (issue 13): the cohort is the target domain's training part (`wsiproc.datasets`, labels unused), adapted
 with `wsiproc.learn.adapt.adapt` exactly as `wsiproc adapt` does; every domain's held-out part is then scored with the
@@ -14,6 +17,7 @@ The other domains' rows are the drift. Per-image tables go to `--out`, with a ma
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import sys
 import time
@@ -22,23 +26,30 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import evaluate_model, score_cell  # noqa: E402
+from accuracy import evaluate_model, score_cell, score_domain  # noqa: E402
 
+from wsiproc.config import RunConfig  # noqa: E402
+from wsiproc.detection.images import detections_of_images  # noqa: E402
+from wsiproc.evaluate.scoring import Score  # noqa: E402
 from wsiproc.learn import datasets  # noqa: E402
 from wsiproc.learn.adapt import AdaptConfig, adapt  # noqa: E402
-from wsiproc.config import RunConfig  # noqa: E402
-from wsiproc.evaluate.scoring import Score  # noqa: E402
-
+from wsiproc.learn.annotated import Annotations  # noqa: E402
 
 #: Recipes and the variants measured for issue 13: name → AdaptConfig fields.
 VARIANTS = {
     "paper": {"recipe": "paper"},
-    "consistency": {"recipe": "consistency"},
+    "consistency": {"recipe": "consistency", "student_augment": "paper"},  # as measured for issue 13
     "calibrate": {"recipe": "calibrate"},  # confidence re-calibration (and, for a foreign cohort, per-slide colours)
     "calibrate-noslides": {"recipe": "calibrate", "slide_colours": False},  # confidence re-calibration only
     "calibrate-colour": {"recipe": "calibrate", "colour": True},  # and colour alignment
     "consistency-random": {"recipe": "consistency", "random_fraction": 1.0, "colour": True},  # random blocks only
     "consistency-noalign": {"recipe": "consistency", "align": False},
+    # issue 26: the student under strong colour and blur views of the teacher's pseudo-labels (noisy student), and
+    # without the folded threshold that keeps the teacher's nucleus count on the cohort (adapt.drift)
+    "consistency-strong": {"recipe": "consistency", "student_augment": "strong"},
+    "consistency-strong-0.1": {"recipe": "consistency", "student_augment": "strong", "stain_sigma": 0.1},
+    "consistency-nomatch": {"recipe": "consistency", "student_augment": "paper", "match_density": False},
+    "consistency-strong-nomatch": {"recipe": "consistency", "student_augment": "strong", "match_density": False},
 }
 
 
@@ -49,6 +60,20 @@ def cohort_of(target: str, data: Path) -> tuple[list[Path], float]:
     if len(mpps) != 1:
         raise SystemExit(f"{target}: images of several pixel sizes {sorted(mpps)}; adapt takes one --mpp")
     return [im.path for im in images], mpps.pop()
+
+
+def annotated_cohort(pattern: str, truth: str, mpp: float) -> list[datasets.AnnotatedImage]:
+    """The slides `pattern` names with their annotated centres (`--truth`: any format `wsiproc evaluate` reads)."""
+    annotations = Annotations.read(truth)
+    images = []
+    for path in sorted(Path(p) for p in glob.glob(pattern)):
+        key = annotations.key_for(path)
+        if key is None:
+            raise SystemExit(f"{path}: no annotations for it in {truth}")
+        images.append(datasets.AnnotatedImage(path.stem, path, mpp, annotations.points[key]))
+    if not images:
+        raise SystemExit(f"{pattern}: no slides")
+    return images
 
 
 def summary(target: str, base_label: str, results: dict[str, dict[str, Score]]) -> str:
@@ -68,7 +93,10 @@ def summary(target: str, base_label: str, results: dict[str, dict[str, Score]]) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", required=True, choices=list(datasets.DOMAINS))
+    ap.add_argument("--target", choices=list(datasets.DOMAINS), help="a built-in domain: its training part is the cohort")
+    ap.add_argument("--cohort", help="instead of --target: a glob of annotated slides, adapted on and scored on")
+    ap.add_argument("--truth", help="with --cohort: their annotations")
+    ap.add_argument("--mpp", type=float, help="with --cohort: their pixel size")
     ap.add_argument("--base", required=True, help="a shipped model name or a .keras path (trained without the target)")
     ap.add_argument("--recipes", default="paper,consistency", help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
@@ -85,13 +113,17 @@ def main() -> None:
     from wsiproc.detection.model import resolve_model_path
 
     base_path = resolve_model_path(args.base)
+    if (args.target is None) == (args.cohort is None) or (args.cohort and not (args.truth and args.mpp)):
+        raise SystemExit("give --target, or --cohort with --truth and --mpp")
+    target = args.target or (args.label or "cohort")
     label = args.label or f"{args.target}_{Path(args.base).parent.name if args.base.endswith('.keras') else args.base}"
     overrides = {}
     for item in args.set:
         key, value = item.split("=", 1)
         overrides[key] = json.loads(value)
-    paths, mpp = cohort_of(args.target, args.data)
-    domains = args.domains.split(",")
+    cohort = annotated_cohort(args.cohort, args.truth, args.mpp) if args.cohort else None
+    paths, mpp = ([im.path for im in cohort], args.mpp) if cohort else cohort_of(args.target, args.data)
+    domains = args.domains.split(",") if args.domains else []
     csv_dir = args.out / label
     csv_dir.mkdir(parents=True, exist_ok=True)
     score_cfg = RunConfig(tissue_mask=False)  # annotated crops are tissue throughout
@@ -100,6 +132,9 @@ def main() -> None:
         t0 = time.perf_counter()
         predictor = Predictor(model, engine=args.engine, precision=args.precision)
         rows = evaluate_model(name, predictor, score_cfg, args.data, domains, 5.0, csv_dir, False)
+        if cohort:
+            found = detections_of_images(cohort, predictor, score_cfg)
+            rows = {target: score_domain(cohort, {k: d.xy for k, d in found.items()}, 5.0)[1], **rows}
         print(f"{name}: " + ", ".join(f"{d} {s.f1:.3f}" for d, s in rows.items()) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
         return rows
 
@@ -121,9 +156,9 @@ def main() -> None:
                   f"{prov['calibration']['cohort_confident_share']} vs {prov['calibration']['reference_share_range']}", flush=True)
         results[recipe] = score(recipe, out_model)
 
-    table = summary(args.target, "base", results)
-    text = (f"# Adaptation on {args.target}: base {base_path}\n\nCohort: {len(paths)} {args.target} training images at "
-            f"{mpp} µm/px, labels unused. Scored: held-out parts, run defaults, 5 µm, micro-average.\n"
+    table = summary(target, "base", results)
+    text = (f"# Adaptation on {target}: base {base_path}\n\nCohort: {len(paths)} {target} {'slides' if cohort else 'training images'} at "
+            f"{mpp} µm/px, labels unused. Scored: {'the cohort itself and ' if cohort else ''}held-out parts, run defaults, 5 µm, micro-average.\n"
             f"Engine {args.engine} {args.precision}. Overrides: {overrides or 'none'}.\n\n{table}\n")
     (args.out / f"{label}.md").write_text(text)
     (args.out / f"{label}.json").write_text(json.dumps({"base": str(base_path), "provenance": provenance, "f1": {

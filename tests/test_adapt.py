@@ -126,6 +126,77 @@ def test_unsure_pixels_weigh_nothing_in_the_fine_tuning_loss(tmp_path: Path) -> 
     assert y.sum() == 3 * 64 and (w[y[..., 0] == 1] == 1).all()
 
 
+def test_a_strong_student_sees_every_block_recoloured_and_its_pseudo_labels_unchanged(tmp_path: Path) -> None:
+    from wsiproc.learn.adapt import AdaptConfig
+    from wsiproc.learn.adapt.pseudo_labels import NUCLEUS
+    from wsiproc.learn.adapt.store import BlockStore, MinedSlide, StoreSampler
+    from wsiproc.learn.training import TrainConfig
+
+    pink = np.array([200, 140, 190], np.uint8)  # one colour: flips and turns cannot change a block
+    targets = np.zeros((6, 64, 64), np.uint8)
+    targets[:, 28:36, 28:36] = NUCLEUS
+    store = BlockStore(tmp_path / "blocks.zarr", 64)
+    store.add({"path": "a", "sha256": "aa"}, MinedSlide(np.broadcast_to(pink, (6, 64, 64, 3)).copy(), targets, np.zeros((6, 2)),
+                                                         np.ones(6, bool), 6, 0.1))
+    cfg = TrainConfig(batch_size=6)
+    as_stored = pink / 255.0
+    paper_x, paper_y, _ = StoreSampler(store, cfg, AdaptConfig(student_augment="paper").student_augmentation).batch(0, 0)
+    np.testing.assert_allclose(paper_x[0], np.broadcast_to(as_stored, (64, 64, 3)), atol=1e-6)  # a third as is
+    strong = AdaptConfig(recipe="consistency", student_augment="strong", stain_sigma=0.1).validate().student_augmentation
+    x, y, w = StoreSampler(store, cfg, strong).batch(0, 0)
+    shift = np.abs(x.mean(axis=(1, 2)) - as_stored).max(axis=1)
+    assert (shift > 0.005).all(), shift  # every block recoloured
+    assert y.sum() == paper_y.sum() == 6 * 64 and (w == 1).all()
+    with pytest.raises(ValueError, match="student_augment must be one of paper, strong"):
+        AdaptConfig(student_augment="heavy").validate()
+
+
+def test_an_over_confident_student_is_given_back_its_teachers_nucleus_count(tmp_path: Path, cohort, shipped_model) -> None:
+    from wsiproc.config import RunConfig
+    from wsiproc.detection.images import detect_images
+    from wsiproc.detection.inference import Predictor
+    from wsiproc.detection.model import load_model, save_model
+    from wsiproc.learn.adapt import AdaptConfig
+    from wsiproc.learn.adapt.drift import density_threshold, match_density
+    from wsiproc.learn.calibrate import fold_threshold
+    from wsiproc.learn.datasets import AnnotatedImage
+
+    assert density_threshold(np.array([0.9, 0.8, 0.6, 0.4, 0.2]), 3) == pytest.approx(0.5)  # between kept and left out
+    run_cfg = RunConfig(mpp=0.55, engine="tensorflow", precision="float32")
+    teacher = Predictor(shipped_model, engine="tensorflow", precision="float32")
+    student = load_model(shipped_model)
+    fold_threshold(student, 0.3)  # self-training's drift: 0.5 on the student is 0.3 on the teacher
+    save_model(student, tmp_path / "student.keras")
+    check = match_density(cohort, run_cfg, teacher, tmp_path / "student.keras", AdaptConfig(recipe="consistency"), echo=print)
+    assert check.tiles == 3 and check.student_detections > check.teacher_detections > 20
+    assert 0.6 < check.threshold < 0.8  # the teacher's 0.5 is sigmoid(logit(0.5) - logit(0.3)) = 0.70 on the student
+    images = [AnnotatedImage(p.stem, p, 0.55, np.zeros((0, 2))) for p in cohort]
+    cfg = RunConfig(mpp=0.55, tissue_mask=False)
+
+    def count(model: Path) -> int:
+        return sum(len(xy) for xy in detect_images(images, Predictor(model, engine="tensorflow", precision="float32"), cfg).values())
+
+    assert abs(count(tmp_path / "student.keras") - count(shipped_model)) <= 2  # the cohort's density as the teacher had it
+
+
+def test_mining_reads_only_the_tiles_it_draws_from_a_large_slide(slides: Path, predictor) -> None:
+    from wsiproc.config import RunConfig
+    from wsiproc.detection.tiles import plan_tiles
+    from wsiproc.detection.tiling import SlideSampler
+    from wsiproc.io.slide import open_slide
+    from wsiproc.learn.adapt import AdaptConfig, mine_slide
+
+    path = slides / "CMU-1-Small-Region.svs"
+    run_cfg = RunConfig(tile_px=512)
+    with open_slide(path, None) as slide:
+        grid, planned, _, _ = plan_tiles(SlideSampler.for_slide(slide, run_cfg.model_mpp), run_cfg, predictor.geometry)
+    assert len(planned) > 6  # the sample's tissue spans more tiles than are drawn
+    mined = mine_slide(path, run_cfg, predictor, AdaptConfig(recipe="consistency", mine_tiles=2), cap=400, seed=3)
+    rows_cols = {(int(y) // grid.tile_px, int(x) // grid.tile_px) for x, y in mined.positions}
+    assert 0 < len(mined.images) and len(rows_cols) <= 2  # every block from the two drawn tiles
+    assert not any("implausible" in w for w in mined.warnings)  # the density is judged on the tissue read
+
+
 def test_a_half_written_slide_in_the_store_is_dropped_on_resume(tmp_path: Path) -> None:
     from wsiproc.learn.adapt.store import BlockStore, MinedSlide
 

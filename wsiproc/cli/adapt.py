@@ -32,11 +32,19 @@ from .common import merged_options, usage_errors
 @click.option("--high", type=float, default=0.8, show_default=True, help="Threshold for hard positives.")
 @click.option("--low", type=float, default=0.5, show_default=True, help="Threshold for the nuclei drawn into each block's target.")
 @click.option("--max-blocks", type=int, default=20000, show_default=True)
+@click.option("--mine-tiles", type=int, default=64, show_default=True,
+              help="Tissue tiles per slide read for blocks, drawn at random (0: every tile; a 1 cm² slide has ~400).")
 @click.option("--per-slide-cap", type=int, help="Blocks per slide at most (default: --max-blocks spread over the cohort).")
 @click.option("--epochs", type=int, default=2, show_default=True)
 @click.option("--steps-per-epoch", type=int, help="Default: one pass over the mined blocks.")
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--student-augment", type=click.Choice(["paper", "strong"]), default="strong", show_default=True,
+              help="Fine-tuning: the student's augmentation of the mined blocks: the paper's thirds (as is, hue shift, "
+                   "noise) or strong stain, contrast, blur and noise (the shipped training recipe's).")
+@click.option("--no-match-density", "no_match_density", is_flag=True,
+              help="consistency: keep the fine-tuned model's own threshold (by default the one that gives the "
+                   "teacher's nucleus count on the cohort's sampled tiles is folded in, so it cannot over-detect).")
 @click.option("--work", "work_dir", type=click.Path(file_okay=False, path_type=Path), help="Block store and checkpoints (default: <out>_work); rerun to resume.")
 @click.option("--no-tissue-mask", is_flag=True, help="Mine every tile, background included.")
 @click.option("--scheduler", help="dask.distributed: 'local' or an existing scheduler's address (slides are mined in parallel).")
@@ -45,8 +53,8 @@ from .common import merged_options, usage_errors
 @click.pass_context
 def adapt(ctx: click.Context, inputs: tuple[Path, ...], out_path: Path, model_path: Path | None, mpp: float | None, recipe: str,
           colour: bool, no_slide_colours: bool, reference_path: Path | None, high: float,
-          low: float, max_blocks: int, per_slide_cap: int | None, epochs: int, steps_per_epoch: int | None, lr: float, seed: int,
-          work_dir: Path | None, no_tissue_mask: bool, scheduler: str | None, config_file: Path | None) -> None:
+          low: float, max_blocks: int, mine_tiles: int, per_slide_cap: int | None, epochs: int, steps_per_epoch: int | None, lr: float, seed: int,
+          student_augment: str, no_match_density: bool, work_dir: Path | None, no_tissue_mask: bool, scheduler: str | None, config_file: Path | None) -> None:
     """Adapt a model to a new cohort without annotations: calibrate it to the cohort (and, with --recipe consistency
     or paper, fine-tune it on mined pseudo-labels)."""
     from ..cohort.cluster import dask_client
@@ -57,8 +65,10 @@ def adapt(ctx: click.Context, inputs: tuple[Path, ...], out_path: Path, model_pa
 
     options = {"recipe": ("recipe", recipe), "colour": ("colour", colour), "slide_colours": ("no_slide_colours", not no_slide_colours),
                "high": ("high", high), "low": ("low", low), "max_blocks": ("max_blocks", max_blocks),
+               "mine_tiles": ("mine_tiles", mine_tiles or None),
                "per_slide_cap": ("per_slide_cap", per_slide_cap), "epochs": ("epochs", epochs),
-               "steps_per_epoch": ("steps_per_epoch", steps_per_epoch), "learning_rate": ("lr", lr), "seed": ("seed", seed)}
+               "steps_per_epoch": ("steps_per_epoch", steps_per_epoch), "learning_rate": ("lr", lr), "seed": ("seed", seed),
+               "student_augment": ("student_augment", student_augment), "match_density": ("no_match_density", not no_match_density)}
     with usage_errors(ValueError, FileNotFoundError):
         cfg = AdaptConfig(**merged_options(ctx, config_file, AdaptConfig, options))
         cfg.validate()

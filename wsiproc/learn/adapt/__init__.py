@@ -12,16 +12,19 @@ One job per module, bottom to top:
   cohort's into the store (serial or on a dask client), and the candidate peaks of random tissue tiles.
 - `calibration`: the cohort's confidences (and colours) folded into the model (`calibrate_cohort`), and a model's
   training statistics (`measure_reference`).
-- `run`: `adapt` itself: calibrate, mine, fine-tune, colours beside the model, provenance.
+- `drift`: the cohort's own statistics after fine-tuning: the threshold that gives the student its teacher's
+  nucleus count on the sampled tiles, folded in (`match_density`, `DensityCheck`).
+- `run`: `adapt` itself: calibrate, mine, fine-tune, match the density, colours beside the model, provenance.
 """
 from .calibration import calibrate_cohort, measure_reference
-from .config import RECIPES, AdaptConfig
+from .config import RECIPES, STUDENT_AUGMENTS, AdaptConfig
+from .drift import DensityCheck, match_density
 from .mining import mine_slide
 from .pseudo_labels import BACKGROUND, NUCLEUS, UNSURE, PseudoLabels, block_targets, consistent_labels, paper_labels
 from .run import adapt
 from .store import BlockStore, MinedSlide, StoreSampler
 from .views import VIEWS, predict_views
 
-__all__ = ["AdaptConfig", "BACKGROUND", "BlockStore", "MinedSlide", "NUCLEUS", "PseudoLabels", "RECIPES", "StoreSampler",
+__all__ = ["AdaptConfig", "BACKGROUND", "BlockStore", "DensityCheck", "MinedSlide", "NUCLEUS", "PseudoLabels", "RECIPES", "StoreSampler",
            "UNSURE", "VIEWS", "adapt", "block_targets", "calibrate_cohort", "consistent_labels", "measure_reference",
-           "mine_slide", "paper_labels", "predict_views"]
+           "match_density", "mine_slide", "paper_labels", "predict_views", "STUDENT_AUGMENTS"]

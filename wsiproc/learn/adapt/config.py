@@ -3,10 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..augment import AugmentConfig
 from ..training import TrainConfig
 from .views import VIEWS
 
 RECIPES = ("calibrate", "consistency", "paper")
+#: The student's augmentation when fine-tuning on mined blocks: the paper's thirds (as is, hue shift, noise) or
+#: the shipped recipe's photometric one at `stain_sigma` (`wsiproc.learn.augment.photometric`).
+STUDENT_AUGMENTS = ("paper", "strong")
 
 
 @dataclass
@@ -22,6 +26,7 @@ class AdaptConfig:
     ignore_below: float = 0.3  # consistency: candidates from here up to `low` are unsure, not background
     random_fraction: float = 0.33  # consistency: share of blocks at random tissue positions
     block_px: int = 64
+    mine_tiles: int | None = 64  # tissue tiles per slide read for blocks, drawn at random (None: every tile)
     max_blocks: int = 20000
     per_slide_cap: int | None = None  # None: max_blocks spread evenly over the cohort
     epochs: int = 2
@@ -29,11 +34,18 @@ class AdaptConfig:
     batch_size: int = 16
     learning_rate: float = 1e-4
     seed: int = 0
+    student_augment: str = "strong"  # consistency: paper | strong (stain, brightness, contrast, blur, noise)
+    match_density: bool = True  # consistency: fold the threshold that keeps the teacher's nucleus count (adapt.drift)
+    stain_sigma: float = 0.05  # strong: per-stain scale and shift σ in HED optical density (the shipped recipe's)
     disk_radius_px: int = TrainConfig.disk_radius_px  # targets as in training: one disk per nucleus
 
     def validate(self) -> "AdaptConfig":
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {', '.join(RECIPES)} (got {self.recipe!r})")
+        if self.student_augment not in STUDENT_AUGMENTS:
+            raise ValueError(f"student_augment must be one of {', '.join(STUDENT_AUGMENTS)} (got {self.student_augment!r})")
+        if not 0 <= self.stain_sigma <= 0.5:
+            raise ValueError(f"stain_sigma must be in [0, 0.5] (got {self.stain_sigma})")
         if not 0 < self.low <= self.high < 1:
             raise ValueError(f"thresholds must satisfy 0 < low <= high < 1 (got low {self.low}, high {self.high})")
         if not 0 < self.ignore_below <= self.low:
@@ -44,6 +56,8 @@ class AdaptConfig:
             raise ValueError(f"random_fraction must be in [0, 1] (got {self.random_fraction})")
         if self.block_px % 4 or self.block_px < 16 or self.block_px > 64:
             raise ValueError(f"block_px must be a multiple of 4 in 16..64 (the tile halo is 32 px), got {self.block_px}")
+        if self.mine_tiles is not None and self.mine_tiles < 1:
+            raise ValueError(f"mine_tiles must be >= 1 or None for every tile (got {self.mine_tiles})")
         if self.max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1 (got {self.max_blocks})")
         if self.calibration_tiles < 1:
@@ -56,6 +70,17 @@ class AdaptConfig:
     def aligns(self) -> bool:
         """The paper's recipe stays the paper's: no calibration before it."""
         return self.recipe == "calibrate" or (self.align and self.recipe != "paper")
+
+    @property
+    def student_augmentation(self) -> AugmentConfig | None:
+        """The `StoreSampler`'s augmentation: None for the paper's thirds."""
+        strong = self.student_augment == "strong" and self.recipe == "consistency"  # the paper recipe stays the paper's
+        return AugmentConfig(hed_sigma=self.stain_sigma) if strong else None
+
+    @property
+    def matches_density(self) -> bool:
+        """The paper's recipe stays the paper's: its student keeps its own threshold."""
+        return self.match_density and self.recipe == "consistency"
 
     @property
     def fine_tunes(self) -> bool:

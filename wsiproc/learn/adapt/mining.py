@@ -54,7 +54,8 @@ RANDOM_CENTRES_PER_TILE = 8
 
 
 def mine_slide(path: Path, run_cfg: RunConfig, predictor: Predictor, cfg: AdaptConfig, cap: int, seed: int) -> MinedSlide:
-    """Pseudo-labelled blocks of one slide: a uniform reservoir sample of at most `cap` over the whole slide.
+    """Pseudo-labelled blocks of one slide: a uniform reservoir sample of at most `cap` over the whole slide (or,
+    with `cfg.mine_tiles`, over that many of its tissue tiles drawn at random).
 
     With the consistency recipe, `random_fraction` of the cap is reserved for blocks at random positions in
     the cores of tissue tiles, labelled by the same rule.
@@ -62,7 +63,12 @@ def mine_slide(path: Path, run_cfg: RunConfig, predictor: Predictor, cfg: AdaptC
     slide = open_slide(path, run_cfg.mpp)
     try:
         sampler = SlideSampler.for_slide(slide, run_cfg.model_mpp)
-        grid, tiles, info, mask = plan_tiles(sampler, run_cfg, predictor.geometry)
+        grid, planned, info, mask = plan_tiles(sampler, run_cfg, predictor.geometry)
+        # A reservoir of `cap` blocks is full long before a large slide is read: a fair random share of its tissue
+        # tiles fills it at a fraction of the cost (the counts below are scaled back to the whole slide).
+        tiles = (planned if cfg.mine_tiles is None else
+                 [planned[i] for i in sample_tiles(len(planned), cfg.mine_tiles, seed)])
+        read_share = len(tiles) / max(1, len(planned))
         colours = getattr(predictor, "colours", None)  # a calibrated model aligning each slide: mine what it will see
         colour = slide_colour(sampler, colours, mask) if colours is not None and tiles else None
         rng = np.random.default_rng(seed)
@@ -111,7 +117,7 @@ def mine_slide(path: Path, run_cfg: RunConfig, predictor: Predictor, cfg: AdaptC
         mpp = run_cfg.model_mpp
         tissue_mm2 = info.get("tissue_fraction", 1.0) * grid.height_px * grid.width_px * (mpp / 1000) ** 2
         warnings = list(info["warnings"])
-        density = hard_total / tissue_mm2 if tissue_mm2 > 0 else 0.0
+        density = hard_total / (tissue_mm2 * read_share) if tissue_mm2 > 0 else 0.0
         if hard_total == 0:
             warnings.append("no confident nuclei (none above the high threshold): nothing to learn from this slide")
             images, targets, positions, centred = images[:0], targets[:0], positions[:0], centred[:0]  # background alone teaches nothing safe

@@ -13,6 +13,10 @@ Three recipes share the lazy tiling, tissue mask and resume of `run`:
   on pseudo-nuclei reaching `high`, plus a share at random tissue positions, so the new domain's background
   (stroma, debris, pigment) is learnt too. Unsure candidates (averaged confidence between `ignore_below` and
   `low`, or missed by a view) are neither taught as nucleus nor as background: their disk weighs 0 in the loss.
+  With `student_augment="strong"` (a noisy student) the blocks are shown to the student under strong stain,
+  contrast, blur and noise changes, while their pseudo-labels came from the tiles as scanned; afterwards the
+  threshold that gives the student its teacher's nucleus count on the cohort's sampled tiles is folded in
+  (`drift.match_density`), so fine-tuning changes which nuclei are found, not how many.
 - ``paper`` (the paper's §UDA, kept for reproduction): components above the high threshold (0.8) are hard
   positives; around each, a 64 × 64 block at 0.5 µm/px whose target is every low-threshold (0.5) component
   drawn as a disk. Everything else in the block is taught as background. No calibration.
@@ -40,6 +44,7 @@ from ..trainer import train
 from ..training import TrainConfig
 from .calibration import calibrate_cohort
 from .config import AdaptConfig
+from .drift import match_density
 from .mining import _mine_cohort
 from .store import StoreSampler
 
@@ -86,12 +91,14 @@ def adapt(inputs: list[Path], out_path: Path, work_dir: Path, run_cfg: RunConfig
                             steps_per_epoch=cfg.steps_per_epoch, learning_rate=cfg.learning_rate, seed=cfg.seed,
                             disk_radius_px=cfg.disk_radius_px)
     t1 = time.perf_counter()
-    state = train(StoreSampler(store, train_cfg), out_path, train_cfg, checkpoint_dir=work_dir / "checkpoints",
+    state = train(StoreSampler(store, train_cfg, cfg.student_augmentation), out_path, train_cfg, checkpoint_dir=work_dir / "checkpoints",
                   init_model=predictor.model_path, verbose=2)
     _place_colours(predictor, out_path)  # the blocks were mined aligned: the fine-tuned model aligns the same way
+    density = match_density(inputs, run_cfg, predictor, out_path, cfg, echo) if cfg.matches_density else None
     cohort = [{k: s[k] for k in ("path", "sha256", "hard_positives", "blocks", "tissue_mm2", "warnings")} for s in store.slides]
     return _write_provenance(out_path, base, cfg, run_cfg, calibration, calibration_s, cohort, {
         "blocks": len(store),
+        "density_check": asdict(density) if density else None,
         "training": {"epochs": state["epoch"], "history": state["history"], "seconds": round(state["seconds"], 1)},
         "mining_s": round(mining_s, 1),
         "fine_tune_s": round(time.perf_counter() - t1, 1),
@@ -122,7 +129,7 @@ def _write_provenance(out_path: Path, base: Predictor, cfg: AdaptConfig, run_cfg
         "calibration_s": round(calibration_s, 1),
         "adapt_config": asdict(cfg),
         "run_config": run_cfg.to_dict(),
-        "blocks": 0, "training": None, "mining_s": 0.0, "fine_tune_s": 0.0,
+        "blocks": 0, "density_check": None, "training": None, "mining_s": 0.0, "fine_tune_s": 0.0,
         **(fine_tuning or {}),
     }
     atomic_write_text(ModelFiles.of(out_path).provenance, json.dumps(provenance, indent=2, sort_keys=True))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..augment import augment_block, flip_turn
+from ..augment import AugmentConfig, augment_block, flip_turn, photometric
 from ..training import TrainConfig
 from .pseudo_labels import NUCLEUS, UNSURE
 
@@ -77,13 +77,16 @@ class BlockStore:
 
 
 class StoreSampler:
-    """Seeded training batches from the block store, with the paper's augmentation in thirds.
+    """Seeded training batches from the block store: a random flip and turn, then the paper's augmentation in
+    thirds or, with `augment`, the shipped recipe's photometric one (stain, brightness, contrast, blur, noise).
 
-    Yields (images, targets, weights): UNSURE pixels get weight 0, so they teach neither way.
+    The pseudo-labels were mined from the tiles as scanned (the teacher's weak views); a student that must find
+    them again under strong colour and blur changes learns what stays a nucleus across labs, not the cohort's
+    colours. Yields (images, targets, weights): UNSURE pixels get weight 0, so they teach neither way.
     """
 
-    def __init__(self, store: BlockStore, cfg: TrainConfig):
-        self.store, self.cfg = store, cfg
+    def __init__(self, store: BlockStore, cfg: TrainConfig, augment: AugmentConfig | None = None):
+        self.store, self.cfg, self.augment = store, cfg, augment
         self.n = len(store)
         if self.n == 0:
             raise ValueError("no mined blocks")
@@ -98,7 +101,7 @@ class StoreSampler:
         w = np.empty((len(picks), *targets.shape[1:]), np.float32)
         for k in range(len(picks)):
             block, target = flip_turn(images[k].astype(np.float32) / 255.0, targets[k], rng)
-            x[k] = augment_block(block, k % 3, rng, self.cfg)
+            x[k] = augment_block(block, k % 3, rng, self.cfg) if self.augment is None else photometric(block, rng, self.augment)
             y[k, ..., 0] = target == NUCLEUS
             w[k] = target != UNSURE
         return x, y, w
