@@ -16,13 +16,14 @@ from typing import Callable
 import numpy as np
 
 from ...config import RunConfig
+from ...detection.colour import SlideColour
 from ...detection.inference import Predictor
 from ...detection.model import load_model, save_model
 from ...errors import one_line
 from ..calibrate import PEAK_FLOOR, THRESHOLD_BOUNDS, fold_threshold
 from .calibration import _slide_colour_of
 from .config import AdaptConfig
-from .mining import _peaks_of_tiles
+from .mining import _peaks_of_tiles, tile_seeds
 
 
 @dataclass(frozen=True)
@@ -41,19 +42,13 @@ class DensityCheck:
         return self.student_detections / max(1, self.teacher_detections)
 
 
-def cohort_peaks(inputs: list[Path], run_cfg: RunConfig, predictor: Predictor, cfg: AdaptConfig,
-                 echo: Callable[[str], None] = print) -> tuple[np.ndarray, int]:
-    """Candidate peak confidences (>= PEAK_FLOOR) on the calibration's sampled tiles of every slide, aligned per
-    slide as a run of `predictor` aligns (its `colours`), and the number of tiles."""
-    seeds = [cfg.seed * 100003 + i for i in range(len(inputs))]  # calibrate_cohort's tiles
+def cohort_peaks(slides: list[tuple[Path, int, SlideColour | None]], run_cfg: RunConfig, predictor: Predictor,
+                 cfg: AdaptConfig) -> tuple[np.ndarray, int]:
+    """Candidate peak confidences (>= PEAK_FLOOR) on the sampled tiles of each (slide, tile seed, its colour
+    transform as a run of the model aligns it), and the number of tiles."""
     peaks, tiles = [np.zeros(0, np.float32)], 0
-    for path, seed in zip(inputs, seeds):
-        try:
-            aligned = _slide_colour_of(path, run_cfg, predictor.colours) if predictor.colours is not None else None
-            p, n = _peaks_of_tiles(path, run_cfg, predictor, cfg.calibration_tiles, seed, aligned=aligned)
-        except Exception as exc:  # named once by mining already; the check goes on without the slide
-            echo(one_line(exc, path))
-            continue
+    for path, seed, colour in slides:
+        p, n = _peaks_of_tiles(path, run_cfg, predictor, cfg.calibration_tiles, seed, aligned=colour)
         peaks.append(p)
         tiles += n
     return np.concatenate(peaks), tiles
@@ -74,9 +69,15 @@ def match_density(inputs: list[Path], run_cfg: RunConfig, teacher: Predictor, st
                   echo: Callable[[str], None] = print) -> DensityCheck:
     """Fold into the fine-tuned model at `student_path` the threshold that gives the teacher's detection count on
     the cohort's sampled tiles; the model file is rewritten in place."""
-    teacher_peaks, tiles = cohort_peaks(inputs, run_cfg, teacher, cfg, echo)
+    slides = []  # calibration's tiles; the student aligns as its teacher does (the same colours file beside it)
+    for path, seed in zip(inputs, tile_seeds(cfg, len(inputs))):
+        try:
+            slides.append((path, seed, _slide_colour_of(path, run_cfg, teacher.colours) if teacher.colours is not None else None))
+        except Exception as exc:  # named once by mining already; the check goes on without the slide
+            echo(one_line(exc, path))
+    teacher_peaks, tiles = cohort_peaks(slides, run_cfg, teacher, cfg)
     student = Predictor(student_path, precision=run_cfg.precision, engine=run_cfg.engine)
-    student_peaks, _ = cohort_peaks(inputs, run_cfg, student, cfg, echo)
+    student_peaks, _ = cohort_peaks(slides, run_cfg, student, cfg)
     wanted = int((teacher_peaks >= 0.5).sum())
     before = int((student_peaks >= 0.5).sum())
     threshold = round(density_threshold(student_peaks, wanted), 4) if before != wanted else 0.5

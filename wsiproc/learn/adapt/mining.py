@@ -53,6 +53,11 @@ class _Reservoir:
 RANDOM_CENTRES_PER_TILE = 8
 
 
+def tile_seeds(cfg: AdaptConfig, n_slides: int) -> list[int]:
+    """The seed of each slide's sampled tiles: mining, calibration and the density check share them."""
+    return [cfg.seed * 100003 + i for i in range(n_slides)]
+
+
 def mine_slide(path: Path, run_cfg: RunConfig, predictor: Predictor, cfg: AdaptConfig, cap: int, seed: int) -> MinedSlide:
     """Pseudo-labelled blocks of one slide: a uniform reservoir sample of at most `cap` over the whole slide (or,
     with `cfg.mine_tiles`, over that many of its tissue tiles drawn at random).
@@ -190,7 +195,7 @@ def _mine_cohort(inputs: list[Path], run_cfg: RunConfig, cfg: AdaptConfig, predi
     if client is None:
         for i, path, sha in todo:
             try:
-                mined = mine_slide(path, run_cfg, predictor, cfg, cap, seed=cfg.seed * 100003 + i)
+                mined = mine_slide(path, run_cfg, predictor, cfg, cap, seed=tile_seeds(cfg, i + 1)[i])
             except Exception as exc:  # one bad slide must not stop the cohort
                 echo(one_line(exc, path))
                 continue
@@ -199,7 +204,7 @@ def _mine_cohort(inputs: list[Path], run_cfg: RunConfig, cfg: AdaptConfig, predi
         from distributed import as_completed  # lazy: importing distributed takes seconds; only a dask client needs it
 
         def remote(path, i):
-            return mine_slide(path, run_cfg, worker_predictor(str(predictor.model_path), run_cfg.precision, run_cfg.engine), cfg, cap, seed=cfg.seed * 100003 + i)
+            return mine_slide(path, run_cfg, worker_predictor(str(predictor.model_path), run_cfg.precision, run_cfg.engine), cfg, cap, seed=tile_seeds(cfg, i + 1)[i])
 
         futures = {client.submit(remote, path, i, pure=False): (path, sha) for i, path, sha in todo}
         for future in as_completed(futures):
