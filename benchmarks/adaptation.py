@@ -33,7 +33,7 @@ from wsiproc.detection.images import detections_of_images  # noqa: E402
 from wsiproc.evaluate.scoring import Score  # noqa: E402
 from wsiproc.learn import datasets  # noqa: E402
 from wsiproc.learn.adapt import AdaptConfig, adapt  # noqa: E402
-from wsiproc.learn.annotated import Annotations  # noqa: E402
+from wsiproc.learn.annotated import Annotations, LabImage, lab_images  # noqa: E402
 
 #: Recipes and the variants measured for issue 13: name → AdaptConfig fields.
 VARIANTS = {
@@ -62,18 +62,13 @@ def cohort_of(target: str, data: Path) -> tuple[list[Path], float]:
     return [im.path for im in images], mpps.pop()
 
 
-def annotated_cohort(pattern: str, truth: str, mpp: float) -> list[datasets.AnnotatedImage]:
-    """The slides `pattern` names with their annotated centres (`--truth`: any format `wsiproc evaluate` reads)."""
-    annotations = Annotations.read(truth)
-    images = []
-    for path in sorted(Path(p) for p in glob.glob(pattern)):
-        key = annotations.key_for(path)
-        if key is None:
-            raise SystemExit(f"{path}: no annotations for it in {truth}")
-        images.append(datasets.AnnotatedImage(path.stem, path, mpp, annotations.points[key]))
-    if not images:
+def annotated_cohort(pattern: str, truth: str, mpp: float) -> list[LabImage]:
+    """The slides `pattern` names, each paired with its annotated centres and checked as `wsiproc train` checks
+    a lab's images (`--truth`: any format `wsiproc evaluate` reads)."""
+    paths = sorted(Path(p) for p in glob.glob(pattern))
+    if not paths:
         raise SystemExit(f"{pattern}: no slides")
-    return images
+    return lab_images(paths, Annotations.read(truth), mpp)
 
 
 def summary(target: str, base_label: str, results: dict[str, dict[str, Score]]) -> str:

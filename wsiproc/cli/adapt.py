@@ -40,7 +40,7 @@ from .common import merged_options, usage_errors
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--student-augment", type=click.Choice(["paper", "strong"]), default="strong", show_default=True,
-              help="Fine-tuning: the student's augmentation of the mined blocks: the paper's thirds (as is, hue shift, "
+              help="consistency: the student's augmentation of the mined blocks: the paper's thirds (as is, hue shift, "
                    "noise) or strong stain, contrast, blur and noise (the shipped training recipe's).")
 @click.option("--no-match-density", "no_match_density", is_flag=True,
               help="consistency: keep the fine-tuned model's own threshold (by default the one that gives the "

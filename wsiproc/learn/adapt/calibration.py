@@ -24,7 +24,7 @@ from ...io.slide import open_slide
 from ..calibrate import (PEAK_FLOOR, Calibration, ColourStats, Reference, colour_transform, fold_colour,
                          fold_threshold, recalibrated_threshold, share_reaching)
 from .config import AdaptConfig
-from .mining import _peaks_of_tiles, _sampled_tiles, tile_seeds
+from .mining import _peaks_of_tiles, _sampled_tiles, tile_seed
 
 
 def _slide_colour_of(path: Path, run_cfg: RunConfig, colours: DomainColours) -> SlideColour | None:
@@ -70,7 +70,7 @@ def calibrate_cohort(inputs: list[Path], run_cfg: RunConfig, predictor: Predicto
         echo(f"{aligned}: cohort calibration already done; reused")
         return Calibration(**json.loads(record.read_text())), aligned
     geometry = predictor.geometry
-    seeds = tile_seeds(cfg, len(inputs))
+    seeds = [tile_seed(cfg, i) for i in range(len(inputs))]
     # Without colour alignment one read of the sampled tiles gives both the colour guard and the peaks; with it,
     # the peaks must come from the aligned model, so the colours are read first.
     colour, readable, per_slide = ColourStats(), [], []

@@ -23,7 +23,7 @@ from ...errors import one_line
 from ..calibrate import PEAK_FLOOR, THRESHOLD_BOUNDS, fold_threshold
 from .calibration import _slide_colour_of
 from .config import AdaptConfig
-from .mining import _peaks_of_tiles, tile_seeds
+from .mining import _peaks_of_tiles, tile_seed
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ def cohort_peaks(slides: list[tuple[Path, int, SlideColour | None]], run_cfg: Ru
 
 def density_threshold(student_peaks: np.ndarray, wanted: int) -> float:
     """The threshold at which `wanted` of the student's candidate peaks reach it (within THRESHOLD_BOUNDS)."""
-    peaks = np.sort(np.asarray(student_peaks, np.float64)[np.asarray(student_peaks) >= PEAK_FLOOR])[::-1]
+    peaks = np.asarray(student_peaks, np.float64)
+    peaks = np.sort(peaks[peaks >= PEAK_FLOOR])[::-1]
     if wanted <= 0 or len(peaks) == 0:
         return 0.5
     if wanted >= len(peaks):
@@ -70,9 +71,9 @@ def match_density(inputs: list[Path], run_cfg: RunConfig, teacher: Predictor, st
     """Fold into the fine-tuned model at `student_path` the threshold that gives the teacher's detection count on
     the cohort's sampled tiles; the model file is rewritten in place."""
     slides = []  # calibration's tiles; the student aligns as its teacher does (the same colours file beside it)
-    for path, seed in zip(inputs, tile_seeds(cfg, len(inputs))):
+    for i, path in enumerate(inputs):
         try:
-            slides.append((path, seed, _slide_colour_of(path, run_cfg, teacher.colours) if teacher.colours is not None else None))
+            slides.append((path, tile_seed(cfg, i), _slide_colour_of(path, run_cfg, teacher.colours) if teacher.colours is not None else None))
         except Exception as exc:  # named once by mining already; the check goes on without the slide
             echo(one_line(exc, path))
     teacher_peaks, tiles = cohort_peaks(slides, run_cfg, teacher, cfg)

@@ -53,9 +53,9 @@ class _Reservoir:
 RANDOM_CENTRES_PER_TILE = 8
 
 
-def tile_seeds(cfg: AdaptConfig, n_slides: int) -> list[int]:
-    """The seed of each slide's sampled tiles: mining, calibration and the density check share them."""
-    return [cfg.seed * 100003 + i for i in range(n_slides)]
+def tile_seed(cfg: AdaptConfig, index: int) -> int:
+    """The seed of the cohort's `index`-th slide's sampled tiles: mining, calibration and the density check share it."""
+    return cfg.seed * 100003 + index
 
 
 def mine_slide(path: Path, run_cfg: RunConfig, predictor: Predictor, cfg: AdaptConfig, cap: int, seed: int) -> MinedSlide:
@@ -70,7 +70,7 @@ def mine_slide(path: Path, run_cfg: RunConfig, predictor: Predictor, cfg: AdaptC
         sampler = SlideSampler.for_slide(slide, run_cfg.model_mpp)
         grid, planned, info, mask = plan_tiles(sampler, run_cfg, predictor.geometry)
         # A reservoir of `cap` blocks is full long before a large slide is read: a fair random share of its tissue
-        # tiles fills it at a fraction of the cost (the counts below are scaled back to the whole slide).
+        # tiles fills it at a fraction of the cost (the density guard below is judged on the tissue read).
         tiles = (planned if cfg.mine_tiles is None else
                  [planned[i] for i in sample_tiles(len(planned), cfg.mine_tiles, seed)])
         read_share = len(tiles) / max(1, len(planned))
@@ -195,7 +195,7 @@ def _mine_cohort(inputs: list[Path], run_cfg: RunConfig, cfg: AdaptConfig, predi
     if client is None:
         for i, path, sha in todo:
             try:
-                mined = mine_slide(path, run_cfg, predictor, cfg, cap, seed=tile_seeds(cfg, i + 1)[i])
+                mined = mine_slide(path, run_cfg, predictor, cfg, cap, seed=tile_seed(cfg, i))
             except Exception as exc:  # one bad slide must not stop the cohort
                 echo(one_line(exc, path))
                 continue
@@ -204,7 +204,7 @@ def _mine_cohort(inputs: list[Path], run_cfg: RunConfig, cfg: AdaptConfig, predi
         from distributed import as_completed  # lazy: importing distributed takes seconds; only a dask client needs it
 
         def remote(path, i):
-            return mine_slide(path, run_cfg, worker_predictor(str(predictor.model_path), run_cfg.precision, run_cfg.engine), cfg, cap, seed=tile_seeds(cfg, i + 1)[i])
+            return mine_slide(path, run_cfg, worker_predictor(str(predictor.model_path), run_cfg.precision, run_cfg.engine), cfg, cap, seed=tile_seed(cfg, i))
 
         futures = {client.submit(remote, path, i, pure=False): (path, sha) for i, path, sha in todo}
         for future in as_completed(futures):
