@@ -48,8 +48,9 @@ VARIANTS = {
     # without the folded threshold that keeps the teacher's nucleus count on the cohort (adapt.drift)
     "consistency-strong": {"recipe": "consistency", "student_augment": "strong"},
     "consistency-strong-0.1": {"recipe": "consistency", "student_augment": "strong", "stain_sigma": 0.1},
-    "consistency-nomatch": {"recipe": "consistency", "student_augment": "paper", "match_density": False},
-    "consistency-strong-nomatch": {"recipe": "consistency", "student_augment": "strong", "match_density": False},
+    "consistency-nomatch": {"recipe": "consistency", "student_augment": "paper", "match_density": "never"},
+    "consistency-strong-nomatch": {"recipe": "consistency", "student_augment": "strong", "match_density": "never"},
+    "consistency-strong-always": {"recipe": "consistency", "student_augment": "strong", "match_density": "always"},
 }
 
 

@@ -227,7 +227,31 @@ def test_calibrate_only_refuses_a_cohort_without_tissue(tmp_path: Path, shipped_
 
     blank = tmp_path / "blank.png"
     Image.new("RGB", (256, 256), (250, 250, 250)).save(blank)
-    result = _adapt([blank], tmp_path / "a.keras", tmp_path / "work", "--no-tissue-mask")  # default recipe: calibrate
+    result = _adapt([blank], tmp_path / "a.keras", tmp_path / "work", "--no-tissue-mask", "--recipe", "calibrate")
     assert result.exit_code == 1
     assert "nothing to adapt: calibration needs the base model's reference statistics" in result.output
     assert not (tmp_path / "a.keras").exists()
+    fine_tuned = _adapt([blank], tmp_path / "a.keras", tmp_path / "work2", "--no-tissue-mask")  # default: consistency
+    assert fine_tuned.exit_code == 1
+    assert "no confident nuclei were found in any slide of the cohort" in fine_tuned.output
+    assert not (tmp_path / "a.keras").exists()
+
+
+def test_the_teacher_count_is_kept_only_for_a_cohort_judged_familiar() -> None:
+    """A foreign cohort's teacher is what adaptation corrects: its count is no target there (adapt.drift)."""
+    from wsiproc.learn.adapt import AdaptConfig
+    from wsiproc.learn.calibrate import Calibration
+
+    def judged(threshold: float) -> Calibration:
+        eye = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+        return Calibration(eye, [0.0, 0.0, 0.0], [0.7, 0.5, 0.7], 100000, threshold, 0.8, (0.7, 0.9), 8, 1000, {})
+
+    cfg = AdaptConfig(recipe="consistency").validate()
+    assert cfg.matches_density(judged(0.5))  # familiar: the student may not find more than its teacher
+    assert not cfg.matches_density(judged(0.41))  # foreign: the student keeps its own count
+    assert cfg.matches_density(None)  # no reference statistics: the count bounds over-detection
+    assert AdaptConfig(recipe="consistency", match_density="always").matches_density(judged(0.41))
+    assert not AdaptConfig(recipe="consistency", match_density="never").matches_density(judged(0.5))
+    assert not AdaptConfig(recipe="paper").matches_density(judged(0.5))
+    with pytest.raises(ValueError, match="match_density must be one of familiar, always, never"):
+        AdaptConfig(match_density="sometimes").validate()

@@ -82,7 +82,7 @@ def test_wsiproc_adapt_calibrates_the_shipped_model_to_a_cohort(tmp_path: Path, 
         cohort.append(tmp_path / f"{name}.png")
         crop.save(cohort[-1])
     out, work = tmp_path / "calibrated.keras", tmp_path / "work"
-    args = ["adapt", *map(str, cohort), "--mpp", "0.55", "--out", str(out), "--work", str(work)]
+    args = ["adapt", *map(str, cohort), "--recipe", "calibrate", "--mpp", "0.55", "--out", str(out), "--work", str(work)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "calibrated from 3 slides" in result.output and not (work / "blocks.zarr").exists()

@@ -108,26 +108,32 @@ def test_a_run_aligns_the_slide_once_and_the_record_says_how(shared_data: Path, 
     np.testing.assert_array_equal(remote.detections.confidence, local.detections.confidence)
 
 
-def test_adapt_aligns_a_foreign_cohort_per_slide_and_runs_repeat_its_transform(tmp_path: Path, shared_data: Path) -> None:
-    from click.testing import CliRunner
+def _two_crc_crops(folder: Path, shared_data: Path) -> list[Path]:
+    """A two-slide cohort: 384² crops of two crc-dev images, at 0.55 µm/px."""
     from PIL import Image
-
-    from wsiproc.cli import main
-    from wsiproc.io.files import file_sha256
 
     cohort = []
     for name in ("img3", "img17"):
         crop = Image.open(shared_data / "crc-dev" / "images" / f"{name}.png").convert("RGB").crop((0, 0, 384, 384))
-        cohort.append(tmp_path / f"{name}.png")
+        cohort.append(folder / f"{name}.png")
         crop.save(cohort[-1])
-    shipped = Reference.load(Reference.beside(DEFAULT_MODEL_PATH))
+    return cohort
+
+
+def test_adapt_aligns_a_foreign_cohort_per_slide_and_runs_repeat_its_transform(tmp_path: Path, shared_data: Path) -> None:
+    from click.testing import CliRunner
+
+    from wsiproc.cli import main
+    from wsiproc.io.files import file_sha256
+
+    cohort, shipped = _two_crc_crops(tmp_path, shared_data), Reference.load(Reference.beside(DEFAULT_MODEL_PATH))
     # A reference whose training domains were all far more confident than this cohort: the cohort is foreign.
     foreign = Reference(shipped.mean_rgb, shipped.cov_rgb, {"a": 0.985, "b": 0.99}, "test", shipped.domain_colours)
     foreign.save(tmp_path / "foreign.reference.json")
     out = tmp_path / "adapted.keras"
 
     def adapt_args(work: str, *extra: str) -> list[str]:
-        return ["adapt", *map(str, cohort), "--mpp", "0.55", "--out", str(out), "--work", str(tmp_path / work),
+        return ["adapt", *map(str, cohort), "--recipe", "calibrate", "--mpp", "0.55", "--out", str(out), "--work", str(tmp_path / work),
                 "--reference", str(tmp_path / "foreign.reference.json"), *extra]
 
     result = CliRunner().invoke(main, adapt_args("w"))
@@ -155,6 +161,27 @@ def test_adapt_aligns_a_foreign_cohort_per_slide_and_runs_repeat_its_transform(t
     assert plain.exit_code == 0, plain.output
     assert not DomainColours.beside(out).exists()
     assert json.loads(out.with_suffix(".json").read_text())["calibration"]["slide_colours"] == {}
+
+
+def test_adapt_leaves_the_colours_of_a_cohort_more_confident_than_training(tmp_path: Path, shared_data: Path) -> None:
+    """Sunk confidences point at colours; raised ones do not: such a cohort gets a higher threshold, no slide colours."""
+    from click.testing import CliRunner
+
+    from wsiproc.cli import main
+
+    cohort, shipped = _two_crc_crops(tmp_path, shared_data), Reference.load(Reference.beside(DEFAULT_MODEL_PATH))
+    # Training domains all far less confident than this cohort.
+    timid = Reference(shipped.mean_rgb, shipped.cov_rgb, {"a": 0.05, "b": 0.08}, "test", shipped.domain_colours)
+    timid.save(tmp_path / "timid.reference.json")
+    out = tmp_path / "adapted.keras"
+    result = CliRunner().invoke(main, ["adapt", *map(str, cohort), "--recipe", "calibrate", "--mpp", "0.55", "--out", str(out),
+                                       "--work", str(tmp_path / "w"), "--reference", str(tmp_path / "timid.reference.json")])
+    assert result.exit_code == 0, result.output
+    assert "each slide's colours are aligned" not in result.output
+    calibration = json.loads(out.with_suffix(".json").read_text())["calibration"]
+    assert calibration["threshold"] > 0.5 and calibration["cohort_confident_share"] > 0.08
+    assert calibration["slide_colours"] == {}
+    assert not DomainColours.beside(out).exists()
 
 
 def test_an_aligned_slide_gives_the_same_nuclei_whatever_the_tiles_and_the_tissue_mask(shared_data: Path, aligning_model: Path) -> None:

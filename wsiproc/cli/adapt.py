@@ -16,16 +16,16 @@ from .common import merged_options, usage_errors
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The adapted .keras model.")
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Base model (default: the shipped one).")
 @click.option("--mpp", type=float, help="Pixel size in µm/px for inputs that do not store it.")
-@click.option("--recipe", type=click.Choice(["calibrate", "consistency", "paper"]), default="calibrate", show_default=True,
-              help="calibrate: for a cohort unlike the model's training data, align each slide's colours to the "
-                   "nearest training domain and re-calibrate confidences (folded into the weights); consistency: "
-                   "calibrate, then fine-tune on pseudo-nuclei that survive test-time views; paper: the paper's "
-                   "recipe, for reproduction.")
+@click.option("--recipe", type=click.Choice(["calibrate", "consistency", "paper"]), default="consistency", show_default=True,
+              help="consistency: calibrate, then fine-tune on pseudo-nuclei that survive test-time views, shown to the "
+                   "model under strong stain and blur changes; calibrate: only align each slide's colours to the nearest "
+                   "training domain and re-calibrate confidences (folded into the weights), for a cohort unlike the "
+                   "model's training data, in minutes; paper: the paper's recipe, for reproduction.")
 @click.option("--align-colour", "colour", is_flag=True,
               help="Calibration also maps the cohort's tissue colours onto the model's training images (off: measured to "
                    "help one new lab and hurt a known one).")
 @click.option("--no-slide-colours", "no_slide_colours", is_flag=True,
-              help="Calibration never aligns each slide's colours (by default a cohort judged foreign gets per-slide "
+              help="Calibration never aligns each slide's colours (by default a cohort whose confidences sank below the training domains' gets per-slide "
                    "alignment to the nearest training domain, which every run of the adapted model then repeats).")
 @click.option("--reference", "reference_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The base model's training statistics (default: <model>.reference.json beside it).")
@@ -42,9 +42,10 @@ from .common import merged_options, usage_errors
 @click.option("--student-augment", type=click.Choice(["paper", "strong"]), default="strong", show_default=True,
               help="consistency: the student's augmentation of the mined blocks: the paper's thirds (as is, hue shift, "
                    "noise) or strong stain, contrast, blur and noise (the shipped training recipe's).")
-@click.option("--no-match-density", "no_match_density", is_flag=True,
-              help="consistency: keep the fine-tuned model's own threshold (by default the one that gives the "
-                   "teacher's nucleus count on the cohort's sampled tiles is folded in, so it cannot over-detect).")
+@click.option("--match-density", type=click.Choice(["familiar", "always", "never"]), default="familiar", show_default=True,
+              help="consistency: fold in the threshold that gives the fine-tuned model its teacher's nucleus count on the "
+                   "cohort's sampled tiles, so it cannot over-detect: for a cohort calibration judged familiar (where the "
+                   "teacher's count is right), always, or never.")
 @click.option("--work", "work_dir", type=click.Path(file_okay=False, path_type=Path), help="Block store and checkpoints (default: <out>_work); rerun to resume.")
 @click.option("--no-tissue-mask", is_flag=True, help="Mine every tile, background included.")
 @click.option("--scheduler", help="dask.distributed: 'local' or an existing scheduler's address (slides are mined in parallel).")
@@ -54,7 +55,7 @@ from .common import merged_options, usage_errors
 def adapt(ctx: click.Context, inputs: tuple[Path, ...], out_path: Path, model_path: Path | None, mpp: float | None, recipe: str,
           colour: bool, no_slide_colours: bool, reference_path: Path | None, high: float,
           low: float, max_blocks: int, mine_tiles: int, per_slide_cap: int | None, epochs: int, steps_per_epoch: int | None, lr: float, seed: int,
-          student_augment: str, no_match_density: bool, work_dir: Path | None, no_tissue_mask: bool, scheduler: str | None, config_file: Path | None) -> None:
+          student_augment: str, match_density: str, work_dir: Path | None, no_tissue_mask: bool, scheduler: str | None, config_file: Path | None) -> None:
     """Adapt a model to a new cohort without annotations: calibrate it to the cohort (and, with --recipe consistency
     or paper, fine-tune it on mined pseudo-labels)."""
     from ..cohort.cluster import dask_client
@@ -68,7 +69,7 @@ def adapt(ctx: click.Context, inputs: tuple[Path, ...], out_path: Path, model_pa
                "mine_tiles": ("mine_tiles", mine_tiles or None),
                "per_slide_cap": ("per_slide_cap", per_slide_cap), "epochs": ("epochs", epochs),
                "steps_per_epoch": ("steps_per_epoch", steps_per_epoch), "learning_rate": ("lr", lr), "seed": ("seed", seed),
-               "student_augment": ("student_augment", student_augment), "match_density": ("no_match_density", not no_match_density)}
+               "student_augment": ("student_augment", student_augment), "match_density": ("match_density", match_density)}
     with usage_errors(ValueError, FileNotFoundError):
         cfg = AdaptConfig(**merged_options(ctx, config_file, AdaptConfig, options))
         cfg.validate()

@@ -15,7 +15,8 @@ trained on, so it is not applied unasked.
   into the last layer's bias (`b − logit(t)`), so that 0.5 on the adapted model means `t` on the aligned one.
   A cohort inside the range is left alone: adapting "just in case" on familiar data changes nothing here.
 - **Per-slide colour alignment** (the default where the reference has each training domain's colours): for a
-  cohort judged foreign by the rule above, every slide's colours are mapped onto its nearest training domain
+  cohort whose share fell *below* the training range (sunk confidences: the symptom of unlearnt colours; a cohort
+  more confident than training gets the threshold only), every slide's colours are mapped onto its nearest training domain
   (`wsiproc.detection.colour`), the threshold is measured again on the aligned slides, and the adapted model gets
   a `<model>.colours.json` that makes every later run align each slide the same way. Unlike the cohort-wide
   colour fold above it moves no other lab's slides.
