@@ -1,15 +1,14 @@
 """Does `wsiproc adapt` fit a 100-slide cohort in a night on an 8-core CPU? One timed run on a scaled-down cohort, extrapolated.
 
     python benchmarks/make_benchmark_slide.py --out runs/bench/sample-5x4.tiff
-    python benchmarks/adapt_night.py runs/bench/sample-5x4.tiff ../shared/data/slides/tcga-cr-7395-01a-01-ts1.svs \
-        --mine-tiles 8 --steps 40 [-- more adapt options, e.g. --model unet]
+    python benchmarks/adapt_night.py runs/bench/sample-5x4.tiff --mine-tiles 8 --steps 40 [-- more adapt options, e.g. --model unet]
 
 The run is the command a user types (`wsiproc adapt SLIDES --recipe consistency --out … --mine-tiles K
 --steps-per-epoch S/2`), in this process, with timers around its four stages: calibration (8 sampled tissue tiles per
 slide, one view), mining (K tissue tiles per slide under four views), fine-tuning (S steps of 16 blocks) and the
 density check (the calibration tiles through teacher and student). Each stage's rate, seconds per megapixel of tiles
 through the network (reading, views, labels and all) and seconds per training step after the first epoch (graph
-building excluded), then prices a cohort of `--slides` slides with at least 64 tissue tiles each (a 1 cm² slide has
+building excluded), then prices a cohort of `--slides-in-night` slides with at least 64 tissue tiles each (a 1 cm² slide has
 ~400; the default `--mine-tiles 64` reads 64 of them) and the full fine-tuning budget
 (`max_blocks` 20 000 blocks × 2 epochs / 16 = 2 500 steps).
 

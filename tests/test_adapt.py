@@ -242,13 +242,14 @@ def test_the_teacher_count_is_kept_only_for_a_cohort_judged_familiar() -> None:
     from wsiproc.learn.adapt import AdaptConfig
     from wsiproc.learn.calibrate import Calibration
 
-    def judged(threshold: float) -> Calibration:
+    def judged(threshold: float, slide_colours: dict | None = None) -> Calibration:
         eye = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
-        return Calibration(eye, [0.0, 0.0, 0.0], [0.7, 0.5, 0.7], 100000, threshold, 0.8, (0.7, 0.9), 8, 1000, {})
+        return Calibration(eye, [0.0, 0.0, 0.0], [0.7, 0.5, 0.7], 100000, threshold, 0.8, (0.7, 0.9), 8, 1000, slide_colours or {})
 
     cfg = AdaptConfig(recipe="consistency").validate()
     assert cfg.matches_density(judged(0.5))  # familiar: the student may not find more than its teacher
     assert not cfg.matches_density(judged(0.41))  # foreign: the student keeps its own count
+    assert not cfg.matches_density(judged(0.5, {"a.svs": {"domain": "crc"}}))  # foreign, its aligned slides back in range
     assert cfg.matches_density(None)  # no reference statistics: the count bounds over-detection
     assert AdaptConfig(recipe="consistency", match_density="always").matches_density(judged(0.41))
     assert not AdaptConfig(recipe="consistency", match_density="never").matches_density(judged(0.5))

@@ -153,3 +153,9 @@ class Calibration:
     #: per-slide colour alignment (a cohort judged foreign, a reference with domain colours): slide → its
     #: transform as `run` will compute it; the threshold above is then measured on the aligned slides
     slide_colours: dict[str, dict | None] = field(default_factory=dict)
+
+    @property
+    def familiar(self) -> bool:
+        """The cohort looked like a training domain: neither its colours nor the threshold were touched (a cohort
+        whose aligned slides land back in the training range was still foreign)."""
+        return self.threshold == 0.5 and not self.slide_colours

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 from ..augment import AugmentConfig
@@ -90,12 +89,12 @@ class AdaptConfig:
 
     def matches_density(self, calibration: "Calibration | None") -> bool:
         """Whether the student gets its teacher's nucleus count. The paper's recipe stays the paper's. A cohort
-        judged foreign (calibration moved the threshold) keeps the student's own count: there the teacher's count
+        judged foreign (calibration moved its threshold or colours) keeps the student's own count: there the teacher's count
         is itself suspect (measured on MoNuSeg left out, a teacher of recall 0.75: matching cost 0.02 F1). Without
         a calibration (no reference statistics) the count is kept, which bounds over-detection."""
         if self.recipe != "consistency" or self.match_density == "never":
             return False
-        return self.match_density == "always" or calibration is None or calibration.threshold == 0.5
+        return self.match_density == "always" or calibration is None or calibration.familiar
 
     @property
     def fine_tunes(self) -> bool:

@@ -6,9 +6,9 @@ Three recipes share the lazy tiling, tissue mask and resume of `run`:
   the weights (`wsiproc.learn.calibrate`); no fine-tuning. A cohort whose confidences look like a training
   domain's leaves the model unchanged; a lab where they sink gets a lower threshold (and per-slide colours).
   Minutes where consistency takes hours; it lifts only cohorts whose confidences sank (benchmarks/results/adaptation/).
-- ``consistency`` (default; +0.039 and +0.036 on the leave-one-out targets, +0.005 on a training domain): calibrate, then mine pseudo-labelled blocks and fine-tune on them. Every tile is predicted
-  under four views (as is, flipped left–right, flipped up–down, turned half way) and the views' maps are
-  averaged. A candidate nucleus (a peak of the averaged map, found with the run's post-processing) becomes a
+- ``consistency`` (default; +0.039 and +0.036 on the leave-one-out targets, +0.005 on a training domain):
+  calibrate, then mine pseudo-labelled blocks and fine-tune on them. Every tile is predicted under four views
+  (as is, flipped left–right, flipped up–down, turned half way) and the views' maps are averaged. A candidate nucleus (a peak of the averaged map, found with the run's post-processing) becomes a
   pseudo-nucleus only when its averaged confidence reaches `low` *and* every view finds it; blocks are centred
   on pseudo-nuclei reaching `high`, plus a share at random tissue positions, so the new domain's background
   (stroma, debris, pigment) is learnt too. Unsure candidates (averaged confidence between `ignore_below` and
